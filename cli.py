@@ -1,0 +1,248 @@
+"""shipyard's command line: the only module that imports typer or prints for people.
+
+Every command builds its options, calls one stage, and reports: a short text on stdout, or with
+--json exactly one JSON object. Progress and logs go to stderr. Exit codes: 0 done, 1 failure,
+2 bad usage or bad manifest (nothing written).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.errors import ShipyardError
+from pipeline.manifest import Manifest, load_manifest
+from pipeline.models import Device
+from pipeline.progress import Progress, Task
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Feature-cache pipeline for SHIP: CLIP features in Zarr, synthesized "
+                       "features, adapters and Tip-Adapter caches.")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect and check a feature store.")
+app.add_typer(store_app, name="store")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+DatasetOpt = Annotated[list[str] | None, typer.Option(
+    "--dataset", "-d", help="Only this manifest dataset (repeatable). Default: all.")]
+
+
+@dataclass(frozen=True)
+class Globals:
+    manifest: Path
+    store: str | None  # overrides the manifest's store location
+    device: Device
+    verbosity: int  # -1 quiet, 0 normal, 1+ verbose
+
+    def load(self) -> Manifest:
+        return load_manifest(self.manifest, store_override=self.store)
+
+    def store_location(self) -> tuple[str, dict[str, Any]]:
+        """--store if given (no manifest needed), else the manifest's store."""
+        if self.store:
+            return self.store, {}
+        m = self.load()
+        return m.store, m.store_options
+
+
+class _DropRandomWeightsWarning(logging.Filter):
+    """open_clip warns on every random-weights model; shipyard reports that itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+class _BarTask:
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def note(self, text: str) -> None:
+        self.bar.set_postfix_str(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class BarProgress:
+    """Progress bars on stderr (tqdm shows the rate, e.g. images/s)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def task(self, description: str, total: int | None, unit: str) -> Task:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=description, unit=unit, file=sys.stderr,
+                   disable=not self.enabled, dynamic_ncols=True, leave=False)
+        return _BarTask(bar)
+
+
+def _progress(g: Globals) -> Progress:
+    return BarProgress(enabled=g.verbosity >= 0 and sys.stderr.isatty())
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    manifest: Annotated[Path, typer.Option(help="Manifest file.")] = Path("data_manifest.yaml"),
+    store: Annotated[str | None, typer.Option(
+        help="Store location: a path or an fsspec URL (s3://bucket/team.zarr). "
+             "Overrides the manifest.")] = None,
+    device: Annotated[Device, typer.Option(help="Where models run.")] = Device.AUTO,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logs.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, warnings only.")] = False,
+) -> None:
+    verbosity = -1 if quiet else verbose
+    level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity == 1 else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropRandomWeightsWarning())
+    ctx.obj = Globals(manifest=manifest, store=store, device=device, verbosity=verbosity)
+
+
+def _run(as_json: bool, work: Callable[[], dict[str, Any]],
+         human: Callable[[dict[str, Any]], str], ok: Callable[[dict[str, Any]], bool] = lambda _: True,
+         ) -> None:
+    """Run a command body; report its summary; map shipyard errors to exit codes."""
+    try:
+        summary = work()
+    except ShipyardError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: committed work is kept; run the command again to resume", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(json.dumps(summary) if as_json else human(summary))
+    if not ok(summary):
+        raise typer.Exit(1)
+
+
+@app.command()
+def extract(
+    ctx: typer.Context,
+    dataset: DatasetOpt = None,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unusable image.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode the manifest's images and class names; only what the store lacks."""
+    from stages import extract as stage
+
+    g: Globals = ctx.obj
+    opts = stage.ExtractOptions(datasets=tuple(dataset or ()), strict=strict, device=g.device)
+    _run(as_json, lambda: stage.run(g.load(), opts, _progress(g)), _extract_text)
+
+
+def _extract_text(s: dict[str, Any]) -> str:
+    lines = [
+        f"extract: {s['images']} images: {s['extracted']} extracted, {s['reused']} reused, "
+        f"{s['failed']} failed ({s['seconds']:.1f} s, {s['images_per_second']:.1f} images/s)",
+        f"  views: {s['views_extracted']} images augmented; text sets: {s['texts_extracted']} new",
+        f"  extractor {s['extractor'][:12]} in {s['store']}",
+    ]
+    lines += [f"  failed: {f['path']}: {f['reason']}" for f in s["failures"][:50]]
+    if len(s["failures"]) > 50:
+        lines.append(f"  ... and {len(s['failures']) - 50} more (--json lists all)")
+    return "\n".join(lines)
+
+
+@app.command()
+def status(ctx: typer.Context, dataset: DatasetOpt = None, as_json: JsonOpt = False) -> None:
+    """Show what the store holds for the manifest, and what is stale and why."""
+    from stages import status as stage
+
+    g: Globals = ctx.obj
+    opts = stage.StatusOptions(datasets=tuple(dataset or ()), device=g.device)
+    _run(as_json, lambda: stage.run(g.load(), opts, _progress(g)), _status_text)
+
+
+def _status_text(s: dict[str, Any]) -> str:
+    head = f"store {s['store']}, extractor {s['extractor'][:12]}: "
+    if "reason" in s:
+        return head + "stale\n  " + s["reason"]
+    lines = [head + ("up to date" if s["up_to_date"] else "stale")]
+    for d in s["datasets"]:
+        state = "up to date" if not d["stale"] else "; ".join(d["stale"])
+        lines.append(f"  {d['name']}: {d['records']} records, {d['unusable']} unusable: {state}")
+    return "\n".join(lines)
+
+
+@app.command()
+def run(ctx: typer.Context, dataset: DatasetOpt = None, as_json: JsonOpt = False) -> None:
+    """Run every stage in order; up-to-date work is skipped."""
+    from stages import runner
+
+    g: Globals = ctx.obj
+    _run(as_json, lambda: runner.run_all(g.load(), tuple(dataset or ()), g.device, _progress(g)),
+         _run_text)
+
+
+def _run_text(s: dict[str, Any]) -> str:
+    return "\n".join(f"[{name}]\n" + _STAGE_TEXT[name](out) for name, out in s["stages"].items())
+
+
+@store_app.command("info")
+def store_info(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Summarise a store: extractors, row counts, datasets."""
+    from pipeline.audit import info
+    from pipeline.store import FeatureStore
+
+    g: Globals = ctx.obj
+
+    def work() -> dict[str, Any]:
+        location, options = g.store_location()
+        with FeatureStore.open(location, read_only=True, options=options) as store:
+            return info(store)
+
+    _run(as_json, work, _info_text)
+
+
+def _info_text(s: dict[str, Any]) -> str:
+    lines = [f"store {s['store']} (format {s['format']}, created {s['created']})"]
+    for e in s["extractors"]:
+        lines.append(f"  extractor {e['fp'][:12]}: {e['model']} (weights {e['weights_sha256'][:12]}), "
+                     f"D={e['dim']}, {e['images']} images, {e['view_rows']} x {e['views']} views, "
+                     f"{e['text_sets']} text sets")
+    for d in s["datasets"]:
+        splits = ", ".join(f"{k} {v}" for k, v in d["splits"].items())
+        lines.append(f"  dataset {d['name']}: {d['records']} records ({splits}), {d['classes']} "
+                     f"classes, {d['failures']} failures")
+    return "\n".join(lines)
+
+
+@store_app.command("verify")
+def store_verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Check integrity: finite unit-norm rows, fingerprints, unique keys. Exit 1 on any problem."""
+    from pipeline.audit import verify
+    from pipeline.store import FeatureStore
+
+    g: Globals = ctx.obj
+
+    def work() -> dict[str, Any]:
+        location, options = g.store_location()
+        with FeatureStore.open(location, read_only=True, options=options) as store:
+            v = verify(store)
+        return {"store": location, "ok": v.ok, "checked": v.checked, "problems": v.problems}
+
+    def text(s: dict[str, Any]) -> str:
+        counts = ", ".join(f"{n} {k}" for k, n in s["checked"].items()) or "nothing"
+        head = f"verify {s['store']}: {'ok' if s['ok'] else 'FAILED'} (checked {counts})"
+        return "\n".join([head, *(f"  problem: {p}" for p in s["problems"])])
+
+    _run(as_json, work, text, ok=lambda s: bool(s["ok"]))
+
+
+_STAGE_TEXT: dict[str, Callable[[dict[str, Any]], str]] = {"extract": _extract_text}
+
+
+if __name__ == "__main__":
+    app()

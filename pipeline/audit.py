@@ -1,0 +1,153 @@
+"""Read-only views of a store: a summary (`store info`) and an integrity check (`store verify`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.fingerprint import fingerprint
+from pipeline.store import Extractor, FeatureStore, RowTable
+
+# Stored features are L2-normalized before the cast to float16; their norms stay within this.
+NORM_TOLERANCE = 1e-2
+
+
+def info(store: FeatureStore) -> dict[str, Any]:
+    extractors = []
+    for fp in store.extractor_fps():
+        ex = store.extractor(fp)
+        desc = ex.fingerprint
+        extractors.append({
+            "fp": fp,
+            "model": desc["model"]["name"],
+            "weights_sha256": desc["model"]["weights_sha256"],
+            "dim": ex.dim,
+            "views": ex.views,
+            "images": ex.images.rows,
+            "view_rows": ex.view_table.rows if ex.views else 0,
+            "text_sets": len(ex.text_groups()),
+            "created": ex.group.attrs.get("created"),
+        })
+    datasets = []
+    for name in store.dataset_names():
+        group = store.dataset(name)
+        attrs = group.attrs.asdict()
+        datasets.append({
+            "name": name,
+            "version": store.dataset_version(name),
+            "records": int(group["labels"].shape[0]),
+            "classes": len(attrs["classnames"]),
+            "splits": attrs["splits"],
+            "failures": len(attrs.get("failures", [])),
+        })
+    return {"store": store.location, "format": store.root.attrs.get("shipyard_format"),
+            "created": store.root.attrs.get("created"), "extractors": extractors,
+            "datasets": datasets}
+
+
+@dataclass
+class Verification:
+    checked: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.checked[what] = self.checked.get(what, 0) + n
+
+
+def verify(store: FeatureStore) -> Verification:
+    """Check every committed row and every fingerprint. Reads everything; changes nothing."""
+    result = Verification()
+    for fp in store.extractor_fps():
+        ex = store.extractor(fp)
+        where = f"extractors/{fp[:12]}"
+        if ex.group.attrs.get("fp") != fp or fingerprint(ex.fingerprint) != fp:
+            result.problems.append(f"{where}: fingerprint does not match the group's name")
+        _check_table(ex.images, f"{where}/images", result)
+        if ex.views:
+            _check_table(ex.view_table, f"{where}/views", result)
+        _check_texts(ex, where, result)
+        result.count("extractors")
+    for name in store.dataset_names():
+        _check_dataset(store, name, result)
+        result.count("datasets")
+    return result
+
+
+def _check_table(table: RowTable, where: str, result: Verification) -> None:
+    n = table.rows
+    for name in ["keys", *table.columns]:
+        if table.array(name).shape[0] < n:
+            result.problems.append(f"{where}/{name}: {table.array(name).shape[0]} rows stored, "
+                                   f"{n} committed")
+            return
+    keys = table.keys()
+    distinct = len({k.tobytes() for k in keys})
+    if distinct != n:
+        result.problems.append(f"{where}: {n - distinct} duplicate keys")
+    step = table.chunk_rows * 16
+    for col in table.columns:
+        for start in range(0, n, step):
+            block = np.asarray(table.array(col)[start : min(n, start + step)], dtype=np.float32)
+            bad = ~np.isfinite(block).reshape(len(block), -1).all(axis=1)
+            if bad.any():
+                result.problems.append(f"{where}/{col}: row {start + int(np.argmax(bad))} "
+                                       f"is not finite ({int(bad.sum())} rows in block)")
+                break
+            norms = np.linalg.norm(block, axis=-1)
+            off = np.abs(norms - 1.0) > NORM_TOLERANCE
+            if off.any():
+                row = start + int(np.argmax(off.reshape(len(block), -1).any(axis=1)))
+                result.problems.append(f"{where}/{col}: row {row} is not unit-norm")
+                break
+    result.count("rows", n)
+
+
+def _check_texts(ex: Extractor, where: str, result: Verification) -> None:
+    texts = ex.group["texts"]
+    for key in ex.text_groups():
+        sub = texts[key]
+        attrs = sub.attrs.asdict()
+        if not attrs.get("complete"):
+            continue  # an interrupted write; invisible to readers and rewritten on demand
+        expected = ex.text_key(attrs["template"], tuple(attrs["classnames"]))
+        if expected != key:
+            result.problems.append(f"{where}/texts/{key[:12]}: key does not match its content")
+        feats = np.asarray(sub["features"][:], dtype=np.float32)
+        if feats.shape != (len(attrs["classnames"]), ex.dim) or not np.isfinite(feats).all():
+            result.problems.append(f"{where}/texts/{key[:12]}: wrong shape or non-finite values")
+        result.count("text_sets")
+
+
+def _check_dataset(store: FeatureStore, name: str, result: Verification) -> None:
+    where = f"datasets/{name}"
+    try:
+        group = store.dataset(name)
+    except Exception as exc:  # a dangling 'current' pointer is exactly what verify must report
+        result.problems.append(f"{where}: {exc}")
+        return
+    attrs = group.attrs.asdict()
+    n = int(group["labels"].shape[0])
+    offsets = np.asarray(group["path_offsets"][:])
+    if group["keys"].shape[0] != n or group["splits"].shape[0] != n or len(offsets) != n + 1:
+        result.problems.append(f"{where}: record arrays disagree in length")
+        return
+    if (np.diff(offsets) < 0).any() or offsets[-1] != group["paths"].shape[0]:
+        result.problems.append(f"{where}: path offsets are inconsistent")
+    labels = np.asarray(group["labels"][:])
+    if n and (labels.min() < 0 or labels.max() >= len(attrs["classnames"])):
+        result.problems.append(f"{where}: labels outside the class list")
+    for seed in attrs["seeds"]:
+        key = f"fewshot_k{attrs['shots']}_seed{seed}"
+        if key not in group:
+            result.problems.append(f"{where}: few-shot subset {key} missing")
+            continue
+        rows = np.asarray(group[key][:])
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            result.problems.append(f"{where}/{key}: rows out of range")
+    result.count("records", n)

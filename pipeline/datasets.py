@@ -1,0 +1,203 @@
+"""Dataset readers (CoOp split JSON, image folders), the seeded few-shot sampler and base/new split.
+
+A dataset here is only names and labels: which image path has which label in which split. It never
+holds features, so relabelling or renaming never invalidates anything in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UsageError
+from pipeline.manifest import DatasetFormat, DatasetSpec
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class Split(IntEnum):
+    TRAIN = 0
+    VAL = 1
+    TEST = 2
+
+
+class DatasetError(UsageError):
+    """A split file or image folder cannot be read as the manifest says. Nothing was written."""
+
+
+@dataclass(frozen=True)
+class Record:
+    path: str  # relative to the dataset root, '/'-separated
+    label: int
+    split: Split
+
+
+@dataclass(frozen=True)
+class Failure:
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class DatasetRecords:
+    name: str
+    root: Path
+    classnames: tuple[str, ...]
+    records: tuple[Record, ...]  # entries whose path is safe; files may still be unreadable
+    rejected: tuple[Failure, ...]  # entries refused before any file was opened
+
+    def file(self, record: Record) -> Path:
+        return self.root / record.path
+
+
+def read_dataset(spec: DatasetSpec) -> DatasetRecords:
+    """Read a dataset as the manifest describes it. Unsafe paths are rejected, not fatal."""
+    readers: dict[DatasetFormat, Callable[[DatasetSpec], tuple[list[str], list[tuple[str, int, Split]]]]]
+    readers = {DatasetFormat.COOP: _read_coop, DatasetFormat.IMAGEFOLDER: _read_imagefolder}
+    if not spec.root.is_dir():
+        raise DatasetError(f"dataset {spec.name}: image root {spec.root} is not a folder")
+    classnames, entries = readers[spec.format](spec)
+    records, rejected = [], []
+    for path, label, split in entries:
+        problem = unsafe_path_reason(path)
+        if problem:
+            rejected.append(Failure(path, problem))
+        else:
+            records.append(Record(Path(path).as_posix(), label, split))
+    return DatasetRecords(spec.name, spec.root, tuple(classnames), tuple(records), tuple(rejected))
+
+
+def unsafe_path_reason(path: str) -> str | None:
+    """Why a split entry may not be opened, or None. Checked lexically so symlinked roots work."""
+    if not path or "\x00" in path:
+        return "empty or invalid path"
+    if os.path.isabs(path) or Path(path).drive:
+        return "absolute path; entries must be relative to the image root"
+    normal = os.path.normpath(path)
+    if normal == ".." or normal.startswith(".." + os.sep) or ".." in Path(path).parts:
+        return "path escapes the image root ('..')"
+    return None
+
+
+def _read_coop(spec: DatasetSpec) -> tuple[list[str], list[tuple[str, int, Split]]]:
+    assert spec.split_file is not None  # the manifest guarantees it for format coop
+    where = f"dataset {spec.name}: split file {spec.split_file}"
+    try:
+        data = json.loads(spec.split_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{where}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not {"train", "test"} <= set(data):
+        raise DatasetError(f"{where}: expected an object with keys train, val, test")
+    names: dict[int, str] = {}
+    entries: list[tuple[str, int, Split]] = []
+    for split in Split:
+        rows = data.get(split.name.lower(), [])
+        if not isinstance(rows, list):
+            raise DatasetError(f"{where}: {split.name.lower()} must be a list")
+        for i, row in enumerate(rows):
+            path, label, classname = _coop_row(row, f"{where}: {split.name.lower()}[{i}]")
+            if names.setdefault(label, classname) != classname:
+                raise DatasetError(f"{where}: {split.name.lower()}[{i}]: label {label} is named "
+                                   f"{classname!r} here but {names[label]!r} elsewhere")
+            entries.append((path, label, split))
+    return _classnames(names, where), entries
+
+
+def _coop_row(row: Any, where: str) -> tuple[str, int, str]:
+    ok = (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
+          and isinstance(row[1], int) and not isinstance(row[1], bool) and row[1] >= 0
+          and isinstance(row[2], str))
+    if not ok:
+        raise DatasetError(f"{where}: expected [relative_path, label >= 0, classname], got {row!r}")
+    return row[0], row[1], row[2]
+
+
+def _classnames(names: dict[int, str], where: str) -> list[str]:
+    if not names:
+        raise DatasetError(f"{where}: no images listed")
+    missing = sorted(set(range(max(names) + 1)) - set(names))
+    if missing:
+        raise DatasetError(f"{where}: labels must be 0..{max(names)} without gaps; "
+                           f"missing {missing[:5]}")
+    return [names[i].replace("_", " ") for i in range(len(names))]
+
+
+def _read_imagefolder(spec: DatasetSpec) -> tuple[list[str], list[tuple[str, int, Split]]]:
+    where = f"dataset {spec.name}: image folder {spec.root}"
+    if (spec.root / "train").is_dir() and (spec.root / "test").is_dir():
+        return _read_split_folders(spec.root, where)
+    classes = sorted(p.name for p in spec.root.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{where}: no class folders")
+    rng = np.random.default_rng(spec.split.seed)
+    entries: list[tuple[str, int, Split]] = []
+    for label, cls in enumerate(classes):
+        files = _images_in(spec.root / cls, f"{cls}")
+        order = rng.permutation(len(files))
+        n_test = round(len(files) * spec.split.test)
+        n_val = round(len(files) * spec.split.val)
+        for rank, j in enumerate(order):
+            split = Split.TEST if rank < n_test else Split.VAL if rank < n_test + n_val else Split.TRAIN
+            entries.append((files[j], label, split))
+    return _classnames(dict(enumerate(classes)), where), entries
+
+
+def _read_split_folders(root: Path, where: str) -> tuple[list[str], list[tuple[str, int, Split]]]:
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{where}: train/ has no class folders")
+    entries: list[tuple[str, int, Split]] = []
+    for split in Split:
+        folder = root / split.name.lower()
+        if not folder.is_dir():
+            continue
+        for cls in sorted(p.name for p in folder.iterdir() if p.is_dir()):
+            if cls not in classes:
+                raise DatasetError(f"{where}: {split.name.lower()}/{cls} is not a class in train/")
+            label = classes.index(cls)
+            entries.extend((f, label, split) for f in _images_in(folder / cls, f"{folder.name}/{cls}"))
+    return _classnames(dict(enumerate(classes)), where), entries
+
+
+def _images_in(folder: Path, prefix: str) -> list[str]:
+    return sorted(f"{prefix}/{p.name}" for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def few_shot(labels: np.ndarray, splits: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Row indices of a K-shot training subset: K per class, drawn with a seeded RNG.
+
+    Sampling is without replacement, with replacement only for a class with fewer than K training
+    rows. Classes are visited in label order and rows in the given order, so equal inputs give the
+    same subset on every machine.
+    """
+    rng = np.random.default_rng(seed)
+    chosen: list[np.ndarray] = []
+    train = splits == Split.TRAIN
+    for label in np.unique(labels[train]):
+        rows = np.flatnonzero(train & (labels == label))
+        chosen.append(rng.choice(rows, size=shots, replace=len(rows) < shots))
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def base_new_split(num_classes: int) -> tuple[list[int], list[int]]:
+    """Base-to-new protocol: labels [0, ceil(n/2)) are base, the rest new."""
+    m = math.ceil(num_classes / 2)
+    return list(range(m)), list(range(m, num_classes))
+
+
+def class_counts(labels: Sequence[int], num_classes: int) -> list[int]:
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()

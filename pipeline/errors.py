@@ -1,0 +1,43 @@
+"""The exceptions shipyard raises. The CLI maps each family to an exit code and one clear line."""
+
+from __future__ import annotations
+
+
+class ShipyardError(Exception):
+    """Base class: a failure shipyard can explain in one line."""
+
+    exit_code = 1
+
+
+class UsageError(ShipyardError):
+    """The request itself is wrong (bad option combination, unknown name). Nothing was written."""
+
+    exit_code = 2
+
+
+class ManifestError(UsageError):
+    """The manifest is missing, unparsable or invalid. Raised before anything is written."""
+
+
+class StoreError(ShipyardError):
+    """The feature store is missing, damaged or not what the caller expected."""
+
+
+class StoreReadOnlyError(StoreError):
+    """A write was attempted on a store opened read-only."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store's writer lock."""
+
+
+class ExtractorMismatchError(StoreError):
+    """Features were asked of an extractor the store does not hold, or of the wrong one."""
+
+
+class ModelLoadError(ShipyardError):
+    """The CLIP model or its weights could not be loaded."""
+
+
+class ImageError(ShipyardError):
+    """An image could not be read or decoded (reported per image, fatal only with --strict)."""

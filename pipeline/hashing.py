@@ -1,0 +1,124 @@
+"""Content keys for image files: sha256 of the bytes, with a stat cache so unchanged files are
+not re-read. The cache is keyed by (absolute path, size, mtime_ns, inode) and lives on the local
+machine, never in the shared store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+_READ_BLOCK = 1 << 20
+_BLOCK_FILES = 4096
+
+
+def default_cache_dir() -> Path:
+    """$SHIPYARD_CACHE_DIR, else $XDG_CACHE_HOME/shipyard, else ~/.cache/shipyard."""
+    explicit = os.environ.get("SHIPYARD_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "shipyard"
+
+
+def sha256_bytes(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def sha256_file(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BLOCK):
+            h.update(block)
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class HashResult:
+    keys: dict[Path, bytes]  # path -> 32-byte digest, for every file that could be read
+    errors: dict[Path, str]  # path -> reason, for files that could not
+    read: int  # files actually read (stat-cache misses)
+
+
+class StatCache:
+    """sqlite table path -> (size, mtime_ns, inode, digest). Safe to delete at any time."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=30)
+        self._db.execute("CREATE TABLE IF NOT EXISTS stat (path TEXT PRIMARY KEY, size INTEGER, "
+                         "mtime_ns INTEGER, ino INTEGER, digest BLOB)")
+
+    def get(self, path: str, st: os.stat_result) -> bytes | None:
+        row = self._db.execute("SELECT size, mtime_ns, ino, digest FROM stat WHERE path = ?",
+                               (path,)).fetchone()
+        if row and tuple(row[:3]) == (st.st_size, st.st_mtime_ns, st.st_ino):
+            return bytes(row[3])
+        return None
+
+    def put_many(self, rows: list[tuple[str, int, int, int, bytes]]) -> None:
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO stat VALUES (?, ?, ?, ?, ?)", rows)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def hash_files(
+    paths: Sequence[Path],
+    cache: StatCache | None,
+    workers: int = 4,
+    on_progress: Callable[[int], None] | None = None,
+) -> HashResult:
+    """sha256 every file, reading only those the stat cache cannot vouch for."""
+    keys: dict[Path, bytes] = {}
+    errors: dict[Path, str] = {}
+    misses: list[tuple[Path, os.stat_result]] = []
+    for p in paths:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            errors[p] = "file not found"
+            continue
+        except OSError as exc:
+            errors[p] = f"cannot stat: {exc.strerror or exc}"
+            continue
+        if not p.is_file():
+            errors[p] = "not a regular file"
+            continue
+        hit = cache.get(str(p), st) if cache else None
+        if hit is not None:
+            keys[p] = hit
+            if on_progress:
+                on_progress(1)
+        else:
+            misses.append((p, st))
+
+    def work(item: tuple[Path, os.stat_result]) -> tuple[Path, os.stat_result, bytes | str]:
+        p, st = item
+        try:
+            return p, st, sha256_file(p)
+        except OSError as exc:
+            return p, st, f"cannot read: {exc.strerror or exc}"
+
+    fresh: list[tuple[str, int, int, int, bytes]] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        # Blocks bound the number of pending futures; each block's digests are cached at once so
+        # an interrupted run keeps what it hashed.
+        for start in range(0, len(misses), _BLOCK_FILES):
+            for p, st, out in pool.map(work, misses[start : start + _BLOCK_FILES]):
+                if isinstance(out, bytes):
+                    keys[p] = out
+                    fresh.append((str(p), st.st_size, st.st_mtime_ns, st.st_ino, out))
+                else:
+                    errors[p] = out
+                if on_progress:
+                    on_progress(1)
+            if cache and fresh:
+                cache.put_many(fresh)
+            fresh.clear()
+    return HashResult(keys, errors, len(misses))
