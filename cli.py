@@ -51,6 +51,19 @@ class Globals:
         return m.store, m.store_options
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time of each record (in-process test runners
+    swap it), not to the stream that was current when logging was configured."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 class _DropRandomWeightsWarning(logging.Filter):
     """open_clip warns on every random-weights model; shipyard reports that itself."""
 
@@ -103,16 +116,22 @@ def main(
 ) -> None:
     verbosity = -1 if quiet else verbose
     level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity == 1 else logging.WARNING
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s",
-                        force=True)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropRandomWeightsWarning())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(old)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_DropRandomWeightsWarning())
+    root.addHandler(handler)
+    root.setLevel(level)
     ctx.obj = Globals(manifest=manifest, store=store, device=device, verbosity=verbosity)
 
 
-def _run(as_json: bool, work: Callable[[], dict[str, Any]],
-         human: Callable[[dict[str, Any]], str], ok: Callable[[dict[str, Any]], bool] = lambda _: True,
-         ) -> None:
+Summary = dict[str, Any]
+
+
+def _run(as_json: bool, work: Callable[[], Summary], human: Callable[[Summary], str],
+         ok: Callable[[Summary], bool] = lambda _: True) -> None:
     """Run a command body; report its summary; map shipyard errors to exit codes."""
     try:
         summary = work()

@@ -8,7 +8,15 @@ from typing import Any
 import numpy as np
 
 from pipeline.fingerprint import fingerprint
-from pipeline.store import Extractor, FeatureStore, RowTable
+from pipeline.store import (
+    Extractor,
+    FeatureStore,
+    RowTable,
+    attrs_of,
+    child_array,
+    child_group,
+    read_array,
+)
 
 # Stored features are L2-normalized before the cast to float16; their norms stay within this.
 NORM_TOLERANCE = 1e-2
@@ -28,23 +36,22 @@ def info(store: FeatureStore) -> dict[str, Any]:
             "images": ex.images.rows,
             "view_rows": ex.view_table.rows if ex.views else 0,
             "text_sets": len(ex.text_groups()),
-            "created": ex.group.attrs.get("created"),
+            "created": attrs_of(ex.group).get("created"),
         })
     datasets = []
     for name in store.dataset_names():
-        group = store.dataset(name)
-        attrs = group.attrs.asdict()
+        ds = store.dataset(name)
         datasets.append({
             "name": name,
-            "version": store.dataset_version(name),
-            "records": int(group["labels"].shape[0]),
-            "classes": len(attrs["classnames"]),
-            "splits": attrs["splits"],
-            "failures": len(attrs.get("failures", [])),
+            "version": ds.version,
+            "records": len(ds),
+            "classes": len(ds.classnames),
+            "splits": ds.attrs["splits"],
+            "failures": len(ds.failures),
         })
-    return {"store": store.location, "format": store.root.attrs.get("shipyard_format"),
-            "created": store.root.attrs.get("created"), "extractors": extractors,
-            "datasets": datasets}
+    root = attrs_of(store.root)
+    return {"store": store.location, "format": root.get("shipyard_format"),
+            "created": root.get("created"), "extractors": extractors, "datasets": datasets}
 
 
 @dataclass
@@ -66,7 +73,7 @@ def verify(store: FeatureStore) -> Verification:
     for fp in store.extractor_fps():
         ex = store.extractor(fp)
         where = f"extractors/{fp[:12]}"
-        if ex.group.attrs.get("fp") != fp or fingerprint(ex.fingerprint) != fp:
+        if attrs_of(ex.group).get("fp") != fp or fingerprint(ex.fingerprint) != fp:
             result.problems.append(f"{where}: fingerprint does not match the group's name")
         _check_table(ex.images, f"{where}/images", result)
         if ex.views:
@@ -109,16 +116,16 @@ def _check_table(table: RowTable, where: str, result: Verification) -> None:
 
 
 def _check_texts(ex: Extractor, where: str, result: Verification) -> None:
-    texts = ex.group["texts"]
+    texts = child_group(ex.group, "texts")
     for key in ex.text_groups():
-        sub = texts[key]
-        attrs = sub.attrs.asdict()
+        sub = child_group(texts, key)
+        attrs = attrs_of(sub)
         if not attrs.get("complete"):
             continue  # an interrupted write; invisible to readers and rewritten on demand
         expected = ex.text_key(attrs["template"], tuple(attrs["classnames"]))
         if expected != key:
             result.problems.append(f"{where}/texts/{key[:12]}: key does not match its content")
-        feats = np.asarray(sub["features"][:], dtype=np.float32)
+        feats = read_array(child_array(sub, "features")).astype(np.float32)
         if feats.shape != (len(attrs["classnames"]), ex.dim) or not np.isfinite(feats).all():
             result.problems.append(f"{where}/texts/{key[:12]}: wrong shape or non-finite values")
         result.count("text_sets")
@@ -127,27 +134,28 @@ def _check_texts(ex: Extractor, where: str, result: Verification) -> None:
 def _check_dataset(store: FeatureStore, name: str, result: Verification) -> None:
     where = f"datasets/{name}"
     try:
-        group = store.dataset(name)
-    except Exception as exc:  # a dangling 'current' pointer is exactly what verify must report
+        ds = store.dataset(name)
+        n = len(ds)
+        offsets, labels = ds.array("path_offsets"), ds.labels()
+        lengths = (len(ds.keys()), len(ds.splits()), len(offsets) - 1)
+        paths_bytes = len(ds.array("paths"))
+    except Exception as exc:  # a dangling pointer or missing array is what verify must report
         result.problems.append(f"{where}: {exc}")
         return
-    attrs = group.attrs.asdict()
-    n = int(group["labels"].shape[0])
-    offsets = np.asarray(group["path_offsets"][:])
-    if group["keys"].shape[0] != n or group["splits"].shape[0] != n or len(offsets) != n + 1:
+    if lengths != (n, n, n):
         result.problems.append(f"{where}: record arrays disagree in length")
         return
-    if (np.diff(offsets) < 0).any() or offsets[-1] != group["paths"].shape[0]:
+    if (np.diff(offsets) < 0).any() or offsets[-1] != paths_bytes:
         result.problems.append(f"{where}: path offsets are inconsistent")
-    labels = np.asarray(group["labels"][:])
-    if n and (labels.min() < 0 or labels.max() >= len(attrs["classnames"])):
+    if n and (labels.min() < 0 or labels.max() >= len(ds.classnames)):
         result.problems.append(f"{where}: labels outside the class list")
-    for seed in attrs["seeds"]:
-        key = f"fewshot_k{attrs['shots']}_seed{seed}"
-        if key not in group:
+    for seed in ds.attrs["seeds"]:
+        key = f"fewshot_k{ds.attrs['shots']}_seed{seed}"
+        try:
+            rows = ds.fewshot(int(ds.attrs["shots"]), int(seed))
+        except Exception:
             result.problems.append(f"{where}: few-shot subset {key} missing")
             continue
-        rows = np.asarray(group[key][:])
         if rows.size and (rows.min() < 0 or rows.max() >= n):
             result.problems.append(f"{where}/{key}: rows out of range")
     result.count("records", n)

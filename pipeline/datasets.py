@@ -29,6 +29,10 @@ class Split(IntEnum):
     TEST = 2
 
 
+# What a format reader returns: class names by label, and (path, label, split) entries.
+_Entries = tuple[list[str], list[tuple[str, int, "Split"]]]
+
+
 class DatasetError(UsageError):
     """A split file or image folder cannot be read as the manifest says. Nothing was written."""
 
@@ -63,8 +67,10 @@ class DatasetRecords:
 
 def read_dataset(spec: DatasetSpec) -> DatasetRecords:
     """Read a dataset as the manifest describes it. Unsafe paths are rejected, not fatal."""
-    readers: dict[DatasetFormat, Callable[[DatasetSpec], tuple[list[str], list[tuple[str, int, Split]]]]]
-    readers = {DatasetFormat.COOP: _read_coop, DatasetFormat.IMAGEFOLDER: _read_imagefolder}
+    readers: dict[DatasetFormat, Callable[[DatasetSpec], _Entries]] = {
+        DatasetFormat.COOP: _read_coop,
+        DatasetFormat.IMAGEFOLDER: _read_imagefolder,
+    }
     if not spec.root.is_dir():
         raise DatasetError(f"dataset {spec.name}: image root {spec.root} is not a folder")
     classnames, entries = readers[spec.format](spec)
@@ -90,7 +96,7 @@ def unsafe_path_reason(path: str) -> str | None:
     return None
 
 
-def _read_coop(spec: DatasetSpec) -> tuple[list[str], list[tuple[str, int, Split]]]:
+def _read_coop(spec: DatasetSpec) -> _Entries:
     assert spec.split_file is not None  # the manifest guarantees it for format coop
     where = f"dataset {spec.name}: split file {spec.split_file}"
     try:
@@ -135,7 +141,7 @@ def _classnames(names: dict[int, str], where: str) -> list[str]:
     return [names[i].replace("_", " ") for i in range(len(names))]
 
 
-def _read_imagefolder(spec: DatasetSpec) -> tuple[list[str], list[tuple[str, int, Split]]]:
+def _read_imagefolder(spec: DatasetSpec) -> _Entries:
     where = f"dataset {spec.name}: image folder {spec.root}"
     if (spec.root / "train").is_dir() and (spec.root / "test").is_dir():
         return _read_split_folders(spec.root, where)
@@ -155,7 +161,7 @@ def _read_imagefolder(spec: DatasetSpec) -> tuple[list[str], list[tuple[str, int
     return _classnames(dict(enumerate(classes)), where), entries
 
 
-def _read_split_folders(root: Path, where: str) -> tuple[list[str], list[tuple[str, int, Split]]]:
+def _read_split_folders(root: Path, where: str) -> _Entries:
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise DatasetError(f"{where}: train/ has no class folders")
@@ -167,8 +173,8 @@ def _read_split_folders(root: Path, where: str) -> tuple[list[str], list[tuple[s
         for cls in sorted(p.name for p in folder.iterdir() if p.is_dir()):
             if cls not in classes:
                 raise DatasetError(f"{where}: {split.name.lower()}/{cls} is not a class in train/")
-            label = classes.index(cls)
-            entries.extend((f, label, split) for f in _images_in(folder / cls, f"{folder.name}/{cls}"))
+            files = _images_in(folder / cls, f"{folder.name}/{cls}")
+            entries.extend((f, classes.index(cls), split) for f in files)
     return _classnames(dict(enumerate(classes)), where), entries
 
 

@@ -37,6 +37,10 @@ class WorkItem:
     name: str  # how to name it in a report (dataset-relative path)
 
 
+# One decoded batch: the items that decoded, their stacked input tensor, and the failures.
+Decoded = tuple[list[WorkItem], torch.Tensor | None, list[Failure]]
+
+
 @dataclass
 class EncodeResult:
     encoded: int = 0
@@ -69,7 +73,7 @@ def _read_checked(item: WorkItem) -> bytes:
     return data
 
 
-def _clean_batch(items: Sequence[WorkItem], clip: ClipModel) -> tuple[list[WorkItem], torch.Tensor | None, list[Failure]]:
+def _clean_batch(items: Sequence[WorkItem], clip: ClipModel) -> Decoded:
     good, tensors, failures = [], [], []
     for item in items:
         try:
@@ -80,7 +84,7 @@ def _clean_batch(items: Sequence[WorkItem], clip: ClipModel) -> tuple[list[WorkI
     return good, (torch.stack(tensors) if tensors else None), failures
 
 
-def _views_batch(items: Sequence[WorkItem], clip: ClipModel, spec: ExtractionSpec) -> tuple[list[WorkItem], torch.Tensor | None, list[Failure]]:
+def _views_batch(items: Sequence[WorkItem], clip: ClipModel, spec: ExtractionSpec) -> Decoded:
     good, tensors, failures = [], [], []
     for item in items:
         try:
@@ -144,7 +148,7 @@ def encode_views(clip: ClipModel, table: RowTable, items: Sequence[WorkItem], sp
 
 
 def _encode(table: RowTable, batches: list[Sequence[WorkItem]],
-            make: Callable[[Sequence[WorkItem]], tuple[list[WorkItem], torch.Tensor | None, list[Failure]]],
+            make: Callable[[Sequence[WorkItem]], Decoded],
             forward: Callable[[torch.Tensor], np.ndarray], total: int, what: str,
             progress: Progress, strict: bool, workers: int) -> EncodeResult:
     result = EncodeResult()

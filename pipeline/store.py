@@ -39,6 +39,29 @@ def utcnow() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+# Typed access to zarr nodes: zarr's own annotations are unions of every JSON and node type.
+def attrs_of(node: zarr.Group | zarr.Array) -> dict[str, Any]:
+    return dict(node.attrs.asdict())
+
+
+def child_array(group: zarr.Group, name: str) -> zarr.Array:
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{group.path}/{name}: expected an array")
+    return node
+
+
+def child_group(group: zarr.Group, name: str) -> zarr.Group:
+    node = group[name]
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"{group.path}/{name}: expected a group")
+    return node
+
+
+def read_array(arr: zarr.Array, start: int = 0, stop: int | None = None) -> np.ndarray:
+    return np.asarray(arr[start:stop])
+
+
 class RowTable:
     """Rows keyed by 32-byte digests: `keys` (N, 32) uint8 plus columns of shape (N, ...)."""
 
@@ -60,36 +83,33 @@ class RowTable:
     @property
     def rows(self) -> int:
         """Committed rows: the only rows a reader may trust."""
-        return int(self.group.attrs["rows"])
+        return int(attrs_of(self.group)["rows"])
 
     @property
     def chunk_rows(self) -> int:
-        return int(self.group.attrs["chunk_rows"])
+        return int(attrs_of(self.group)["chunk_rows"])
 
     @property
     def columns(self) -> list[str]:
-        return list(self.group.attrs["columns"])
+        return list(attrs_of(self.group)["columns"])
 
     def array(self, name: str) -> zarr.Array:
-        arr = self.group[name]
-        assert isinstance(arr, zarr.Array)
-        return arr
+        return child_array(self.group, name)
 
     def keys(self) -> np.ndarray:
-        return np.asarray(self.array("keys")[: self.rows])
+        return read_array(self.array("keys"), 0, self.rows)
 
     def index(self) -> dict[bytes, int]:
         """key -> row for every committed row."""
         keys = self.keys()
         return {keys[i].tobytes(): i for i in range(len(keys))}
 
-    def read(self, column: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
+    def read(self, column: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Committed rows of a column: all, or the given row indices (any order, repeats ok)."""
         arr = self.array(column)
         n = self.rows
         if rows is None:
-            return np.asarray(arr[:n])
-        if isinstance(rows, slice):
-            return np.asarray(arr[rows][: max(0, n - (rows.start or 0))])
+            return read_array(arr, 0, n)
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= n):
             raise StoreError(f"{self.group.path}: row index out of the committed range [0, {n})")
@@ -97,7 +117,7 @@ class RowTable:
             return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
         # Read the covering block once, then gather: far fewer chunk reads than point selection.
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        return np.asarray(arr[lo:hi])[rows - lo]
+        return read_array(arr, lo, hi)[rows - lo]
 
     def writer(self) -> RowWriter:
         if self.read_only:
@@ -172,19 +192,19 @@ class Extractor:
 
     @property
     def fp(self) -> str:
-        return str(self.group.attrs["fp"])
+        return str(attrs_of(self.group)["fp"])
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        return dict(self.group.attrs["fingerprint"])
+        return dict(attrs_of(self.group)["fingerprint"])
 
     @property
     def dim(self) -> int:
-        return int(self.group.attrs["dim"])
+        return int(attrs_of(self.group)["dim"])
 
     @property
     def views(self) -> int:
-        return int(self.group.attrs["views"])
+        return int(attrs_of(self.group)["views"])
 
     @property
     def images(self) -> RowTable:
@@ -198,9 +218,7 @@ class Extractor:
         return RowTable(self._sub("views"), self.read_only)
 
     def _sub(self, name: str) -> zarr.Group:
-        sub = self.group[name]
-        assert isinstance(sub, zarr.Group)
-        return sub
+        return child_group(self.group, name)
 
     def text_key(self, template: str, classnames: tuple[str, ...]) -> str:
         return fingerprint({"template": template, "classnames": list(classnames)})
@@ -208,10 +226,10 @@ class Extractor:
     def texts(self, template: str, classnames: tuple[str, ...]) -> TextFeatures | None:
         key = self.text_key(template, classnames)
         texts = self._sub("texts")
-        if key not in texts or not texts[key].attrs.get("complete"):
+        if key not in texts or not attrs_of(child_group(texts, key)).get("complete"):
             return None
-        arr = texts[key]["features"]
-        return TextFeatures(template, classnames, np.asarray(arr[:]))
+        arr = child_array(child_group(texts, key), "features")
+        return TextFeatures(template, classnames, read_array(arr))
 
     def text_groups(self) -> list[str]:
         return sorted(self._sub("texts").group_keys())
@@ -229,6 +247,57 @@ class Extractor:
         return key
 
 
+class StoredDataset:
+    """One version of a dataset's records: path -> image key, label, split; few-shot subsets."""
+
+    def __init__(self, group: zarr.Group, version: str) -> None:
+        self.group = group
+        self.version = version
+        self.attrs = attrs_of(group)
+
+    def __len__(self) -> int:
+        return int(self.array("labels").shape[0])
+
+    def array(self, name: str) -> np.ndarray:
+        return read_array(child_array(self.group, name))
+
+    @property
+    def classnames(self) -> tuple[str, ...]:
+        return tuple(self.attrs["classnames"])
+
+    @property
+    def base_labels(self) -> list[int]:
+        return list(self.attrs["base_labels"])
+
+    @property
+    def new_labels(self) -> list[int]:
+        return list(self.attrs["new_labels"])
+
+    @property
+    def failures(self) -> list[dict[str, str]]:
+        return list(self.attrs.get("failures", []))
+
+    def keys(self) -> np.ndarray:
+        return self.array("keys")  # (R, 32) uint8
+
+    def labels(self) -> np.ndarray:
+        return self.array("labels")
+
+    def splits(self) -> np.ndarray:
+        return self.array("splits")
+
+    def paths(self) -> list[str]:
+        blob, offsets = self.array("paths").tobytes(), self.array("path_offsets")
+        return [blob[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+
+    def fewshot(self, shots: int, seed: int) -> np.ndarray:
+        name = f"fewshot_k{shots}_seed{seed}"
+        if name not in self.group:
+            raise StoreError(f"dataset {self.attrs['name']}: no {shots}-shot subset for seed {seed} "
+                             f"(stored: shots {self.attrs['shots']}, seeds {self.attrs['seeds']})")
+        return self.array(name)
+
+
 class FeatureStore:
     """A shipyard store at a local path or fsspec URL, opened read-only or for writing."""
 
@@ -244,7 +313,12 @@ class FeatureStore:
     def open(cls, location: str, *, read_only: bool = True, create: bool = False,
              options: dict[str, Any] | None = None) -> FeatureStore:
         """Open a store. Writers take the store's lock; `create` makes a new store if none."""
-        exists = _store_exists(location, options)
+        try:
+            exists = _store_exists(location, options)
+        except StoreError:
+            raise
+        except Exception as exc:  # network, credentials, permissions: one line, not a traceback
+            raise StoreError(f"cannot reach store {location}: {_first_line(exc)}") from None
         if not exists and not create:
             raise StoreError(f"no shipyard store at {location} (run `shipyard extract` first)")
         lock = None if read_only else _take_lock(location)
@@ -284,9 +358,7 @@ class FeatureStore:
             raise StoreReadOnlyError(f"{self.location} is opened read-only")
 
     def _group(self, path: str) -> zarr.Group:
-        g = self.root[path]
-        assert isinstance(g, zarr.Group)
-        return g
+        return child_group(self.root, path)
 
     # -- extractors ------------------------------------------------------------------------------
     def extractor_fps(self) -> list[str]:
@@ -298,9 +370,7 @@ class FeatureStore:
             known = ", ".join(f[:12] for f in self.extractor_fps()) or "none"
             raise ExtractorMismatchError(f"{self.location} has no extractor {fp[:12]} "
                                          f"(it has: {known})")
-        group = groups[fp]
-        assert isinstance(group, zarr.Group)
-        return Extractor(group, self.read_only)
+        return Extractor(child_group(groups, fp), self.read_only)
 
     def has_extractor(self, fp: str) -> bool:
         return fp in self._group("extractors")
@@ -312,7 +382,7 @@ class FeatureStore:
         if fingerprint(description) != fp:
             raise StoreError("extractor fingerprint does not match its description")
         groups = self._group("extractors")
-        if fp in groups and groups[fp].attrs.get("complete_layout"):
+        if fp in groups and attrs_of(child_group(groups, fp)).get("complete_layout"):
             return self.extractor(fp)
         group = groups.create_group(fp, overwrite=True, attributes={
             "fp": fp, "fingerprint": description, "dim": dim, "views": views, "created": utcnow()})
@@ -332,23 +402,22 @@ class FeatureStore:
         groups = self._group("datasets")
         if name not in groups:
             return None
-        current = groups[name].attrs.get("current")
+        current = attrs_of(child_group(groups, name)).get("current")
         return None if current is None else str(current)
 
-    def dataset(self, name: str) -> zarr.Group:
+    def dataset(self, name: str) -> StoredDataset:
         version = self.dataset_version(name)
         if version is None:
             raise StoreError(f"{self.location} has no dataset {name!r} (run `shipyard extract`)")
-        return self._group(f"datasets/{name}/{version}")
+        return StoredDataset(self._group(f"datasets/{name}/{version}"), version)
 
     def write_dataset(self, name: str, version: str, arrays: dict[str, np.ndarray],
                       attrs: dict[str, Any]) -> bool:
         """Store one version of a dataset's records and make it current. False if already so."""
         self._check_writable()
         groups = self._group("datasets")
-        holder = groups[name] if name in groups else groups.create_group(name)
-        assert isinstance(holder, zarr.Group)
-        if holder.attrs.get("current") == version:
+        holder = child_group(groups, name) if name in groups else groups.create_group(name)
+        if attrs_of(holder).get("current") == version:
             return False
         sub = holder.create_group(version, overwrite=True, attributes=attrs)
         for key, value in arrays.items():
@@ -360,6 +429,11 @@ class FeatureStore:
         for path, node in self.root.members(max_depth=None):
             if isinstance(node, zarr.Array):
                 yield path, node
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _record_chunks(value: np.ndarray) -> tuple[int, ...]:

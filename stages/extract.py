@@ -143,7 +143,8 @@ def _ensure_texts(clip: Any, ex: Extractor, plans: list[DatasetPlan]) -> int:
         names = plan.data.classnames
         for template in plan.spec.templates:
             if ex.texts(template, names) is None:
-                ex.write_texts(template, names, encode_texts(clip, [template.format(c) for c in names]))
+                features = encode_texts(clip, [template.format(c) for c in names])
+                ex.write_texts(template, names, features)
                 count += 1
     return count
 

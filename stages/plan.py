@@ -6,17 +6,29 @@ images (stat-cached) but writes nothing to the store.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.datasets import DatasetRecords, Failure, Record, Split, base_new_split, few_shot, read_dataset
+from pipeline.datasets import (
+    DatasetRecords,
+    Failure,
+    Record,
+    Split,
+    base_new_split,
+    few_shot,
+    read_dataset,
+)
 from pipeline.fingerprint import fingerprint
 from pipeline.hashing import StatCache, default_cache_dir, hash_files
 from pipeline.manifest import DatasetSpec, Manifest, ViewsFor
 from pipeline.progress import Progress
+
+# A dataset's stored form: arrays, attributes, and the content key (version) of both.
+RecordsTable = tuple[dict[str, np.ndarray], dict[str, Any], str]
 
 
 @dataclass
@@ -59,7 +71,7 @@ def plan_datasets(specs: list[DatasetSpec], workers: int, progress: Progress,
     return plans
 
 
-def records_table(plan: DatasetPlan, valid: set[bytes], views_for: ViewsFor) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
+def records_table(plan: DatasetPlan, valid: set[bytes], views_for: ViewsFor) -> RecordsTable:
     """The dataset's stored form over the records whose image has features: arrays, attrs and the
     content key of both. Also the few-shot subsets of every listed seed."""
     rows = [(r, k) for r, k in plan.hashed() if k in valid]
@@ -110,6 +122,5 @@ def view_keys(plan: DatasetPlan, arrays: dict[str, np.ndarray], views_for: Views
 
 
 def _digest(value: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(value).tobytes() + str(value.shape).encode()).hexdigest()
+    data = np.ascontiguousarray(value).tobytes() + str(value.shape).encode()
+    return hashlib.sha256(data).hexdigest()

@@ -82,7 +82,7 @@ def run(manifest: Manifest, opts: StatusOptions, progress: Progress | None = Non
 def _known_failures(store: FeatureStore, name: str) -> set[str]:
     if store.dataset_version(name) is None:
         return set()
-    return {f["path"] for f in store.dataset(name).attrs.get("failures", [])}
+    return {f["path"] for f in store.dataset(name).failures}
 
 
 def _reasons(entry: dict[str, Any]) -> list[str]:

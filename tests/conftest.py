@@ -1,0 +1,88 @@
+"""Shared fixtures: small CoOp-format datasets cut from the embedded demo, and manifests for them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.manifest import Manifest, load_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "examples" / "fashion_demo"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets its own stat cache, so no test sees another's hashes."""
+    monkeypatch.setenv("SHIPYARD_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def demo_split() -> dict[str, list[list[Any]]]:
+    data: dict[str, list[list[Any]]] = json.loads((DEMO / "split_zhou_FashionDemo.json").read_text())
+    return data
+
+
+@pytest.fixture
+def small_demo(tmp_path: Path) -> Path:
+    """A copy of part of the demo: per class 6 train, 2 val, 4 test images (120 files)."""
+    full = demo_split()
+    per = {"train": 6, "val": 2, "test": 4}
+    split: dict[str, list[list[Any]]] = {}
+    for name, n in per.items():
+        taken: dict[int, int] = {}
+        split[name] = []
+        for path, label, cls in full[name]:
+            if taken.get(label, 0) < n:
+                taken[label] = taken.get(label, 0) + 1
+                split[name].append([path, label, cls])
+    root = tmp_path / "data"
+    for rows in split.values():
+        for path, _label, _cls in rows:
+            dest = root / "images" / path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(DEMO / "images" / path, dest)
+    (root / "split.json").write_text(json.dumps(split))
+    return root
+
+
+def manifest_dict(data_root: Path, store: Path, **extraction: Any) -> dict[str, Any]:
+    return {
+        "store": str(store),
+        "model": {"name": "shipyard-tiny", "pretrained": None},
+        "extraction": {"views": 2, "views_for": "train", "batch_size": 16, "workers": 2,
+                       "chunk_rows": 32, **extraction},
+        "datasets": [{
+            "name": "demo",
+            "format": "coop",
+            "root": str(data_root / "images"),
+            "split_file": str(data_root / "split.json"),
+            "templates": ["a photo of a {}."],
+            "shots": 4,
+            "seeds": [1, 2],
+        }],
+    }
+
+
+def write_manifest(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def make_manifest(tmp_path: Path, small_demo: Path) -> Callable[..., Manifest]:
+    """Write a manifest for `small_demo` (store under tmp_path) and load it."""
+
+    def make(store: str = "store.zarr", model: dict[str, Any] | None = None,
+             **extraction: Any) -> Manifest:
+        data = manifest_dict(small_demo, tmp_path / store, **extraction)
+        if model:
+            data["model"].update(model)
+        return load_manifest(write_manifest(tmp_path / f"{store}.yaml", data))
+
+    return make

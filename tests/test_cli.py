@@ -1,0 +1,163 @@
+"""The CLI in-process: exit codes, one JSON object with --json, one-line errors, nothing written on
+bad usage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from cli import app
+from tests.conftest import manifest_dict, write_manifest
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> Any:
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture
+def manifest_path(tmp_path: Path, small_demo: Path) -> Path:
+    return write_manifest(tmp_path / "m.yaml", manifest_dict(small_demo, tmp_path / "s.zarr"))
+
+
+def test_extract_json_reports_counts_and_throughput(manifest_path: Path) -> None:
+    result = invoke("--manifest", str(manifest_path), "--device", "cpu", "extract", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)  # exactly one JSON object on stdout
+    for key in ("images", "extracted", "reused", "failed", "failures", "seconds",
+                "images_per_second"):
+        assert key in out
+    assert out["images"] == out["extracted"] == 120 and out["images_per_second"] > 0
+    again = json.loads(invoke("--manifest", str(manifest_path), "extract", "--json").stdout)
+    assert again["extracted"] == 0 and again["reused"] == 120
+
+
+def test_human_output_and_status(manifest_path: Path) -> None:
+    before = invoke("--manifest", str(manifest_path), "status", "--json")
+    assert before.exit_code == 0, before.output
+    assert json.loads(before.stdout)["up_to_date"] is False
+    result = invoke("--manifest", str(manifest_path), "extract")
+    assert result.exit_code == 0
+    assert "120 images: 120 extracted, 0 reused, 0 failed" in result.stdout
+    status = json.loads(invoke("--manifest", str(manifest_path), "status", "--json").stdout)
+    assert status["up_to_date"] is True
+    assert status["datasets"][0]["missing_features"] == 0
+    text = invoke("--manifest", str(manifest_path), "status").stdout
+    assert "demo: 120 records, 0 unusable: up to date" in text
+
+
+def test_status_names_what_is_stale(manifest_path: Path, small_demo: Path) -> None:
+    invoke("--manifest", str(manifest_path), "extract")
+    split = json.loads((small_demo / "split.json").read_text())
+    a, b = split["train"][0], split["train"][-1]
+    a[1:], b[1:] = b[1:], a[1:]  # swap label and class name
+    (small_demo / "split.json").write_text(json.dumps(split))
+    status = json.loads(invoke("--manifest", str(manifest_path), "status", "--json").stdout)
+    assert status["up_to_date"] is False
+    assert status["datasets"][0]["stale"] == [
+        "stored records differ from the split (files added, renamed or relabelled)"]
+
+
+def test_store_info_and_verify(manifest_path: Path, tmp_path: Path) -> None:
+    invoke("--manifest", str(manifest_path), "extract")
+    info = json.loads(invoke("--store", str(tmp_path / "s.zarr"), "store", "info", "--json").stdout)
+    assert info["extractors"][0]["images"] == 120 and info["extractors"][0]["view_rows"] == 60
+    assert info["datasets"][0]["records"] == 120
+    ok = invoke("--store", str(tmp_path / "s.zarr"), "store", "verify")
+    assert ok.exit_code == 0 and "ok" in ok.stdout
+
+
+def test_verify_fails_on_corrupted_rows(manifest_path: Path, tmp_path: Path) -> None:
+    invoke("--manifest", str(manifest_path), "extract")
+    store = tmp_path / "s.zarr"
+    root = zarr.open_group(zarr.storage.LocalStore(store), mode="r+")
+    fp = next(iter(root["extractors"].group_keys()))
+    features = root[f"extractors/{fp}/images/features"]
+    row = np.asarray(features[5:6])
+    row[0, 3] = np.nan
+    features[5:6] = row
+    result = invoke("--store", str(store), "store", "verify", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    assert any("row 5 is not finite" in p for p in report["problems"])
+
+
+def test_verify_detects_duplicate_keys(manifest_path: Path, tmp_path: Path) -> None:
+    invoke("--manifest", str(manifest_path), "extract")
+    root = zarr.open_group(zarr.storage.LocalStore(tmp_path / "s.zarr"), mode="r+")
+    fp = next(iter(root["extractors"].group_keys()))
+    keys = root[f"extractors/{fp}/images/keys"]
+    keys[1:2] = np.asarray(keys[0:1])
+    report = json.loads(invoke("--store", str(tmp_path / "s.zarr"), "store", "verify",
+                               "--json").stdout)
+    assert any("1 duplicate keys" in p for p in report["problems"])
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d.pop("model"), "model: missing required field"),
+    (lambda d: d["extraction"].update(views="four"), "extraction.views: expected an integer"),
+    (lambda d: d["datasets"][0].update(format="parquet"),
+     "datasets[0].format: unknown value 'parquet' (expected one of: coop, imagefolder)"),
+    (lambda d: d["datasets"][0].update(shots=0), "datasets[0].shots: expected an integer >= 1"),
+    (lambda d: d.update(stores="x"), "stores: unknown field"),
+    (lambda d: d["datasets"][0].update(templates=["no placeholder"]),
+     "datasets[0].templates[0]: expected a string with one '{}'"),
+])
+def test_bad_manifest_exits_2_with_one_line_and_writes_nothing(
+        tmp_path: Path, small_demo: Path, edit: Any, message: str) -> None:
+    data = manifest_dict(small_demo, tmp_path / "never.zarr")
+    edit(data)
+    path = write_manifest(tmp_path / "bad.yaml", data)
+    result = invoke("--manifest", str(path), "extract")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert str(path) in lines[0] and message in lines[0], lines[0]
+    assert not (tmp_path / "never.zarr").exists()
+
+
+def test_missing_manifest_and_bad_yaml(tmp_path: Path) -> None:
+    result = invoke("--manifest", str(tmp_path / "nope.yaml"), "extract")
+    assert result.exit_code == 2 and "manifest not found" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store: [unclosed\n")
+    result = invoke("--manifest", str(bad), "status")
+    assert result.exit_code == 2 and "not valid YAML" in result.stderr
+
+
+def test_bad_split_file_exits_2(tmp_path: Path, small_demo: Path) -> None:
+    (small_demo / "split.json").write_text(json.dumps({"train": [["a.png", "zero", "x"]],
+                                                       "test": []}))
+    path = write_manifest(tmp_path / "m.yaml", manifest_dict(small_demo, tmp_path / "s.zarr"))
+    result = invoke("--manifest", str(path), "extract")
+    assert result.exit_code == 2
+    assert "train[0]: expected [relative_path, label >= 0, classname]" in result.stderr
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_usage_errors_exit_2(manifest_path: Path) -> None:
+    assert invoke("--manifest", str(manifest_path), "--device", "tpu", "extract").exit_code == 2
+    assert invoke("--manifest", str(manifest_path), "extract", "--dataset", "nope").exit_code == 2
+    assert invoke("nonexistent-command").exit_code == 2
+
+
+def test_store_commands_on_missing_store(tmp_path: Path) -> None:
+    result = invoke("--store", str(tmp_path / "none.zarr"), "store", "info")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: no shipyard store at {tmp_path / 'none.zarr'} " \
+                                    "(run `shipyard extract` first)"
+
+
+def test_run_executes_the_pipeline(manifest_path: Path) -> None:
+    result = invoke("--manifest", str(manifest_path), "run", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["pipeline"] == ["extract"] and out["stages"]["extract"]["extracted"] == 120

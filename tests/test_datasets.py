@@ -1,0 +1,91 @@
+"""Dataset readers, path safety, the few-shot sampler and the base/new rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.datasets import (
+    DatasetError,
+    Split,
+    base_new_split,
+    few_shot,
+    read_dataset,
+    unsafe_path_reason,
+)
+from pipeline.manifest import DatasetFormat, DatasetSpec, ImageFolderSplit
+
+
+def test_base_new_first_half_rounded_up() -> None:
+    assert base_new_split(10) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
+    assert base_new_split(7) == ([0, 1, 2, 3], [4, 5, 6])
+    assert base_new_split(1) == ([0], [])
+
+
+def test_few_shot_is_seeded_per_class_and_replaces_only_when_short() -> None:
+    labels = np.array([0] * 20 + [1] * 3 + [2] * 16)
+    splits = np.full(len(labels), Split.TRAIN)
+    splits[:4] = Split.TEST  # not eligible
+    rows = few_shot(labels, splits, shots=16, seed=1)
+    assert len(rows) == 48
+    for label in (0, 1, 2):
+        picked = rows[labels[rows] == label]
+        assert len(picked) == 16
+        assert (splits[picked] == Split.TRAIN).all()
+    assert len(set(rows[labels[rows] == 0].tolist())) == 16  # 16 of 16 eligible, no repeats
+    assert set(rows[labels[rows] == 1].tolist()) <= {20, 21, 22}  # 3 images: with replacement
+    np.testing.assert_array_equal(rows, few_shot(labels, splits, 16, seed=1))
+    assert not np.array_equal(rows, few_shot(labels, splits, 16, seed=2))
+
+
+@pytest.mark.parametrize(("path", "ok"), [
+    ("cat/1.png", True), ("a/./b.png", True), ("../x.png", False), ("a/../../x.png", False),
+    ("a/../b.png", False), ("/etc/passwd", False), ("", False),
+])
+def test_unsafe_paths(path: str, ok: bool) -> None:
+    assert (unsafe_path_reason(path) is None) is ok
+
+
+def _png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(path)
+
+
+def test_imagefolder_seeded_split(tmp_path: Path) -> None:
+    for cls in ("ant", "bee_hive"):
+        for i in range(10):
+            _png(tmp_path / cls / f"{i}.png")
+    spec = DatasetSpec("f", DatasetFormat.IMAGEFOLDER, tmp_path,
+                       split=ImageFolderSplit(val=0.2, test=0.3, seed=3))
+    data = read_dataset(spec)
+    assert data.classnames == ("ant", "bee hive")
+    counts = {s: sum(r.split == s for r in data.records) for s in Split}
+    assert counts == {Split.TRAIN: 10, Split.VAL: 4, Split.TEST: 6}
+    assert read_dataset(spec).records == data.records  # same seed, same split
+
+
+def test_imagefolder_with_split_folders(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            _png(tmp_path / split / cls / "x.png")
+    data = read_dataset(DatasetSpec("f", DatasetFormat.IMAGEFOLDER, tmp_path))
+    assert [(r.path, r.label, r.split) for r in data.records] == [
+        ("train/a/x.png", 0, Split.TRAIN), ("train/b/x.png", 1, Split.TRAIN),
+        ("test/a/x.png", 0, Split.TEST), ("test/b/x.png", 1, Split.TEST)]
+
+
+def test_coop_split_file_errors(tmp_path: Path) -> None:
+    split = tmp_path / "split.json"
+    spec = DatasetSpec("c", DatasetFormat.COOP, tmp_path, split_file=split)
+    with pytest.raises(DatasetError, match="not found"):
+        read_dataset(spec)
+    split.write_text('{"train": [["a.png", 0, "x"], ["b.png", 2, "z"]], "test": []}')
+    with pytest.raises(DatasetError, match="without gaps"):
+        read_dataset(spec)
+    split.write_text('{"train": [["../a.png", 0, "x"], ["b.png", 0, "x"]], "test": []}')
+    data = read_dataset(spec)
+    assert [r.path for r in data.records] == ["b.png"]
+    assert data.rejected[0].path == "../a.png" and "escapes" in data.rejected[0].reason

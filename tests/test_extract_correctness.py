@@ -1,0 +1,108 @@
+"""Stored features against an obvious reference, and what bad images do to a run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.errors import ImageError
+from pipeline.manifest import Manifest
+from pipeline.models import shipped_configs
+from pipeline.store import FeatureStore
+from stages.extract import ExtractOptions, run
+
+
+def test_cached_features_equal_open_clip_directly(make_manifest: Callable[..., Manifest],
+                                                  small_demo: Path) -> None:
+    """The store's features are what open_clip's own model + transform give, to float16 precision."""
+    m = make_manifest()
+    out = run(m, ExtractOptions(device="cpu"))
+    open_clip.add_model_config(shipped_configs()["shipyard-tiny"])
+    torch.manual_seed(0)  # the manifest's init_seed
+    model, _, preprocess = open_clip.create_model_and_transforms("shipyard-tiny")
+    model.eval()
+    split = json.loads((small_demo / "split.json").read_text())
+    paths = [small_demo / "images" / row[0] for row in split["test"][:16]]
+    with torch.no_grad():
+        batch = torch.stack([preprocess(Image.open(p)) for p in paths])
+        direct = model.encode_image(batch, normalize=True).numpy()
+    with FeatureStore.open(m.store) as store:
+        table = store.extractor(out["extractor"]).images
+        index = table.index()
+        import hashlib
+
+        rows = np.array([index[hashlib.sha256(p.read_bytes()).digest()] for p in paths])
+        cached = table.read("features", rows).astype(np.float32)
+    assert cached.shape == direct.shape == (16, 64)
+    np.testing.assert_allclose(cached, direct, atol=1e-3, rtol=0)  # float16 storage
+    cos = (cached * direct).sum(1) / np.linalg.norm(cached, axis=1)
+    assert cos.min() > 0.9999
+
+
+def _break_images(small_demo: Path) -> dict[str, str]:
+    """Add five bad entries to the split; returns path -> expected reason fragment."""
+    images = small_demo / "images"
+    good = next(images.rglob("*.png"))
+    jpeg = images / "bag" / "truncated.jpg"
+    Image.open(good).convert("RGB").save(jpeg, format="JPEG")
+    data = jpeg.read_bytes()
+    jpeg.write_bytes(data[: len(data) // 2])
+    (images / "bag" / "empty.png").write_bytes(b"")
+    (images / "bag" / "notes.png").write_text("this is not an image\n")
+    split = json.loads((small_demo / "split.json").read_text())
+    bag = next(row for row in split["train"] if row[2] == "bag")
+    extra = ["bag/truncated.jpg", "bag/empty.png", "bag/notes.png", "bag/missing.png",
+             "../outside.png"]
+    split["train"] += [[p, bag[1], "bag"] for p in extra]
+    (small_demo / "split.json").write_text(json.dumps(split))
+    return {"truncated.jpg": "cannot decode", "empty.png": "empty file",
+            "notes.png": "not a recognised image", "missing.png": "file not found",
+            "../outside.png": "escapes the image root"}
+
+
+def test_bad_images_are_reported_and_skipped(make_manifest: Callable[..., Manifest],
+                                             small_demo: Path) -> None:
+    expected = _break_images(small_demo)
+    m = make_manifest()
+    out = run(m, ExtractOptions(device="cpu"))
+    assert out["failed"] == 5 and out["extracted"] == 120
+    for fragment, reason in expected.items():
+        hits = [f for f in out["failures"] if f["path"].endswith(fragment)]
+        assert len(hits) == 1, fragment
+        assert reason in hits[0]["reason"], hits[0]
+    with FeatureStore.open(m.store) as store:
+        ds = store.dataset("demo")
+        assert len(ds) == 120  # bad entries are not records
+        assert len(ds.failures) == 5
+    again = run(m, ExtractOptions(device="cpu"))  # still reported, nothing re-encoded
+    assert again["failed"] == 5 and again["extracted"] == 0
+
+
+def test_strict_fails_before_writing(make_manifest: Callable[..., Manifest],
+                                     small_demo: Path) -> None:
+    _break_images(small_demo)
+    m = make_manifest()
+    with pytest.raises(ImageError, match="--strict"):
+        run(m, ExtractOptions(device="cpu", strict=True))
+    assert not Path(m.store).exists()
+
+
+def test_strict_decode_failure_keeps_committed_rows(make_manifest: Callable[..., Manifest],
+                                                    small_demo: Path) -> None:
+    m = make_manifest()
+    first = run(m, ExtractOptions(device="cpu"))
+    split = json.loads((small_demo / "split.json").read_text())
+    (small_demo / "images" / "bag" / "notes.png").write_text("not an image")
+    split["test"].append(["bag/notes.png", split["test"][0][1], split["test"][0][2]])
+    (small_demo / "split.json").write_text(json.dumps(split))
+    with pytest.raises(ImageError, match="not a recognised image"):
+        run(m, ExtractOptions(device="cpu", strict=True))
+    with FeatureStore.open(m.store) as store:
+        assert store.extractor(first["extractor"]).images.rows == 120

@@ -1,0 +1,106 @@
+"""Row-table protocol: chunk-aligned writes, committed count last, read-only opens, one writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import StoreError, StoreLockedError, StoreReadOnlyError
+from pipeline.fingerprint import fingerprint
+from pipeline.store import FeatureStore, RowTable
+
+
+def _rows(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.zeros((n, 32), np.uint8)
+    keys[:, :8] = np.arange(start, start + n, dtype=np.int64).view(np.uint8).reshape(n, 8)
+    values = np.arange(start, start + n, dtype=np.float16)[:, None] * np.ones((1, 4), np.float16)
+    return keys, values
+
+
+def _add(writer, n: int, start: int = 0) -> None:  # type: ignore[no-untyped-def]
+    keys, values = _rows(n, start)
+    writer.add(keys, features=values)
+
+
+def _table(tmp_path: Path) -> tuple[FeatureStore, RowTable]:
+    store = FeatureStore.open(str(tmp_path / "s.zarr"), read_only=False, create=True)
+    table = RowTable.create(store.root, "t", {"features": ((4,), "float16")}, chunk_rows=8)
+    return store, table
+
+
+def test_rows_are_committed_only_at_chunk_boundaries_until_flush(tmp_path: Path) -> None:
+    store, table = _table(tmp_path)
+    writer = table.writer()
+    _add(writer, 5)
+    assert table.rows == 0  # buffered, not visible
+    _add(writer, 6, start=5)
+    assert table.rows == 8  # one whole chunk written and committed
+    writer.flush()
+    assert table.rows == 11
+    np.testing.assert_array_equal(table.read("features"), np.concatenate([_rows(5)[1],
+                                                                          _rows(6, 5)[1]]))
+    assert len(table.index()) == 11
+    store.close()
+
+
+def test_uncommitted_rows_are_invisible_and_dropped_by_the_next_writer(tmp_path: Path) -> None:
+    store, table = _table(tmp_path)
+    writer = table.writer()
+    _add(writer, 8)
+    # A killed writer may leave rows past the committed count; simulate that.
+    for name in ("keys", "features"):
+        arr = table.array(name)
+        arr.resize((12, *arr.shape[1:]))
+    assert table.rows == 8 and len(table.keys()) == 8
+    writer2 = table.writer()
+    assert table.array("keys").shape[0] == 8
+    _add(writer2, 2, start=8)
+    writer2.flush()
+    assert table.rows == 10
+    store.close()
+
+
+def test_read_only_store_refuses_writes(tmp_path: Path) -> None:
+    store, _ = _table(tmp_path)
+    store.close()
+    ro = FeatureStore.open(str(tmp_path / "s.zarr"))
+    assert ro.read_only
+    with pytest.raises(StoreReadOnlyError):
+        RowTable(ro.root["t"], read_only=True).writer()
+    with pytest.raises(StoreReadOnlyError):
+        ro.write_dataset("x", "v", {}, {})
+    with pytest.raises(StoreReadOnlyError):
+        ro.create_extractor(fingerprint({}), {}, 4, 0, 8)
+
+
+def test_one_writer_at_a_time(tmp_path: Path) -> None:
+    first = FeatureStore.open(str(tmp_path / "s.zarr"), read_only=False, create=True)
+    with pytest.raises(StoreLockedError, match="being written by another process"):
+        FeatureStore.open(str(tmp_path / "s.zarr"), read_only=False)
+    FeatureStore.open(str(tmp_path / "s.zarr")).close()  # readers are never blocked
+    first.close()
+    FeatureStore.open(str(tmp_path / "s.zarr"), read_only=False).close()
+
+
+def test_missing_or_foreign_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no shipyard store"):
+        FeatureStore.open(str(tmp_path / "none.zarr"))
+    import zarr
+
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
+    with pytest.raises(StoreError, match="not a shipyard store"):
+        FeatureStore.open(str(tmp_path / "other.zarr"))
+
+
+def test_extractor_group_is_named_by_its_description(tmp_path: Path) -> None:
+    store = FeatureStore.open(str(tmp_path / "s.zarr"), read_only=False, create=True)
+    desc = {"model": "m", "views": 2}
+    with pytest.raises(StoreError, match="does not match"):
+        store.create_extractor("0" * 64, desc, 4, 2, 8)
+    ex = store.create_extractor(fingerprint(desc), desc, 4, 2, 8)
+    assert ex.fp == fingerprint(desc) and ex.dim == 4 and ex.views == 2
+    assert ex.view_table.chunk_rows == 4  # about as many values per chunk as the images table
+    assert store.create_extractor(fingerprint(desc), desc, 4, 2, 8).fp == ex.fp  # reopened
+    store.close()
