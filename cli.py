@@ -174,6 +174,67 @@ def _extract_text(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SeedOpt = Annotated[list[int] | None, typer.Option(
+    "--seed", help="Only this few-shot seed (repeatable). Default: the dataset's seeds.")]
+
+
+@app.command("train-generator")
+def train_generator(
+    ctx: typer.Context,
+    dataset: DatasetOpt = None,
+    seed: SeedOpt = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Override ship.epochs.")] = None,
+    force: Annotated[bool, typer.Option(help="Retrain even if up to date.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the SHIP generator on each dataset's base-class K-shot features."""
+    from stages import train_generator as stage
+
+    g: Globals = ctx.obj
+    opts = stage.TrainGeneratorOptions(datasets=tuple(dataset or ()), seeds=tuple(seed or ()),
+                                       epochs=epochs, device=g.device, force=force)
+    _run(as_json, lambda: stage.run(g.load(), opts, _progress(g)), _generator_text)
+
+
+def _generator_text(s: Summary) -> str:
+    lines = [f"train-generator on {s['device']}:"]
+    for r in s["generators"]:
+        final = ", ".join(f"{k} {v:.4f}" for k, v in r["final"].items())
+        lines.append(f"  {r['dataset']} seed {r['seed']}: {r['status']}, {r['epochs_run']} epochs "
+                     f"in {r['seconds']:.1f} s ({final}); generator {r['generator'][:12]}")
+    return "\n".join(lines)
+
+
+@app.command()
+def synthesize(
+    ctx: typer.Context,
+    dataset: DatasetOpt = None,
+    seed: SeedOpt = None,
+    classes: Annotated[str | None, typer.Option(
+        help="new, base, all, or comma-separated class names. Default: ship.synthesize.classes.")
+    ] = None,
+    per_class: Annotated[int | None, typer.Option(min=1, help="Samples per class.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sample synthetic features per class from the trained generators into the store."""
+    from stages import synthesize as stage
+
+    g: Globals = ctx.obj
+    chosen = tuple(c.strip() for c in classes.split(",")) if classes else ()
+    opts = stage.SynthesizeOptions(datasets=tuple(dataset or ()), seeds=tuple(seed or ()),
+                                   classes=chosen, per_class=per_class, device=g.device)
+    _run(as_json, lambda: stage.run(g.load(), opts, _progress(g)), _synthesize_text)
+
+
+def _synthesize_text(s: Summary) -> str:
+    lines = [f"synthesize: {s['per_class']} features per class"]
+    for r in s["sets"]:
+        lines.append(f"  {r['dataset']} seed {r['seed']}: {r['classes']} classes, "
+                     f"{r['synthesized']} sampled, {r['reused']} reused; "
+                     f"synthetic {r['synthetic'][:12]}")
+    return "\n".join(lines)
+
+
 @app.command()
 def status(ctx: typer.Context, dataset: DatasetOpt = None, as_json: JsonOpt = False) -> None:
     """Show what the store holds for the manifest, and what is stale and why."""
@@ -260,7 +321,8 @@ def store_verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     _run(as_json, work, text, ok=lambda s: bool(s["ok"]))
 
 
-_STAGE_TEXT: dict[str, Callable[[dict[str, Any]], str]] = {"extract": _extract_text}
+_STAGE_TEXT: dict[str, Callable[[Summary], str]] = {
+    "extract": _extract_text, "train-generator": _generator_text, "synthesize": _synthesize_text}
 
 
 if __name__ == "__main__":

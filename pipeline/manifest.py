@@ -83,6 +83,29 @@ class DatasetSpec:
     base_new: str = "half"  # the first ceil(n/2) labels are base, the rest new
 
 
+class ShipVariant(StrEnum):
+    DEFAULT = "default"  # encoder hidden 2048, ReLU generator
+    IMAGENET = "imagenet"  # encoder hidden 4096, LeakyReLU(0.2) generator
+
+
+@dataclass(frozen=True)
+class SynthesizeSpec:
+    classes: tuple[str, ...] = ("new",)  # new | base | all, or class names
+    per_class: int = 16
+    seed: int = 0  # with the class name, seeds each class's samples
+
+
+@dataclass(frozen=True)
+class ShipSpec:
+    variant: ShipVariant = ShipVariant.DEFAULT
+    epochs: int = 50  # ImageNet: 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    seed: int = 0  # initialisation, batch order, view choice, noise
+    checkpoint_every: int = 1  # epochs between resumable checkpoints
+    synthesize: SynthesizeSpec = field(default_factory=SynthesizeSpec)
+
+
 @dataclass(frozen=True)
 class Manifest:
     path: Path
@@ -91,6 +114,7 @@ class Manifest:
     extraction: ExtractionSpec
     datasets: tuple[DatasetSpec, ...]
     store_options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
+    ship: ShipSpec = field(default_factory=ShipSpec)
 
     def dataset(self, name: str) -> DatasetSpec:
         for ds in self.datasets:
@@ -195,7 +219,7 @@ def load_manifest(path: Path | str, store_override: str | None = None) -> Manife
 
 def parse_manifest(data: Any, path: Path, store_override: str | None = None) -> Manifest:
     r = _Reader(path)
-    top = r.mapping(data, "", {"store", "store_options", "model", "extraction", "datasets"})
+    top = r.mapping(data, "", {"store", "store_options", "model", "extraction", "datasets", "ship"})
     base = path.resolve().parent
     store = store_override or r.string(r.required(top, "store", ""), "store")
     if not is_url(store):
@@ -213,7 +237,8 @@ def parse_manifest(data: Any, path: Path, store_override: str | None = None) -> 
     for name in names:
         if names.count(name) > 1:
             raise r.fail("datasets", f"dataset name {name!r} is used more than once")
-    return Manifest(path, store, model, extraction, datasets, dict(options))
+    ship = _parse_ship(r, top.get("ship") or {})
+    return Manifest(path, store, model, extraction, datasets, dict(options), ship)
 
 
 def _parse_model(r: _Reader, raw: Any, base: Path) -> ModelSpec:
@@ -230,6 +255,32 @@ def _parse_model(r: _Reader, raw: Any, base: Path) -> ModelSpec:
         pretrained=pretrained,
         precision=r.choice(m.get("precision", "fp32"), "model.precision", Precision),
         init_seed=r.integer(m.get("init_seed", 0), "model.init_seed", 0),
+    )
+
+
+def _parse_ship(r: _Reader, raw: Any) -> ShipSpec:
+    allowed = {"variant", "epochs", "batch_size", "lr", "seed", "checkpoint_every", "synthesize"}
+    s = r.mapping(raw, "ship", allowed)
+    syn = r.mapping(s.get("synthesize") or {}, "ship.synthesize", {"classes", "per_class", "seed"})
+    classes = syn.get("classes", "new")
+    if isinstance(classes, str):
+        classes = [classes]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise r.fail("ship.synthesize.classes", f"expected new, base, all or a list of class "
+                                                f"names, got {classes!r}")
+    d = ShipSpec()
+    return ShipSpec(
+        variant=r.choice(s.get("variant", d.variant.value), "ship.variant", ShipVariant),
+        epochs=r.integer(s.get("epochs", d.epochs), "ship.epochs", 1),
+        batch_size=r.integer(s.get("batch_size", d.batch_size), "ship.batch_size", 1),
+        lr=r.number(s.get("lr", d.lr), "ship.lr", 1e-8, 10.0),
+        seed=r.integer(s.get("seed", d.seed), "ship.seed", 0),
+        checkpoint_every=r.integer(s.get("checkpoint_every", 1), "ship.checkpoint_every", 1),
+        synthesize=SynthesizeSpec(
+            classes=tuple(classes),
+            per_class=r.integer(syn.get("per_class", 16), "ship.synthesize.per_class", 1),
+            seed=r.integer(syn.get("seed", 0), "ship.synthesize.seed", 0),
+        ),
     )
 
 

@@ -409,7 +409,11 @@ class FeatureStore:
         version = self.dataset_version(name)
         if version is None:
             raise StoreError(f"{self.location} has no dataset {name!r} (run `shipyard extract`)")
-        return StoredDataset(self._group(f"datasets/{name}/{version}"), version)
+        holder = self._group(f"datasets/{name}")
+        if version not in holder:
+            raise StoreError(f"{self.location}: dataset {name!r} points at records {version[:12]} "
+                             "that are not in the store (run `shipyard extract` to rewrite them)")
+        return StoredDataset(child_group(holder, version), version)
 
     def write_dataset(self, name: str, version: str, arrays: dict[str, np.ndarray],
                       attrs: dict[str, Any]) -> bool:
@@ -424,6 +428,28 @@ class FeatureStore:
             sub.create_array(key, data=value, chunks=_record_chunks(value))
         holder.attrs["current"] = version  # the commit: readers switch to the new version here
         return True
+
+    # -- artefacts: generators, synthetic sets, adapters, caches, runs ----------------------------
+    def artifact(self, kind: str, fp: str, complete: bool = True) -> zarr.Group | None:
+        """The group `<kind>/<fp>`, or None. With `complete`, only a finished one."""
+        if kind not in self.root or fp not in child_group(self.root, kind):
+            return None
+        group = child_group(child_group(self.root, kind), fp)
+        if complete and not attrs_of(group).get("complete"):
+            return None
+        return group
+
+    def artifact_fps(self, kind: str) -> list[str]:
+        return sorted(child_group(self.root, kind).group_keys()) if kind in self.root else []
+
+    def create_artifact(self, kind: str, fp: str, description: dict[str, Any]) -> zarr.Group:
+        """A fresh, incomplete `<kind>/<fp>` group; callers set attrs['complete'] last."""
+        self._check_writable()
+        if fingerprint(description) != fp:
+            raise StoreError(f"{kind} fingerprint does not match its description")
+        holder = child_group(self.root, kind) if kind in self.root else self.root.create_group(kind)
+        return holder.create_group(fp, overwrite=True, attributes={
+            "fp": fp, "fingerprint": description, "created": utcnow(), "complete": False})
 
     def walk_arrays(self) -> Iterator[tuple[str, zarr.Array]]:
         for path, node in self.root.members(max_depth=None):

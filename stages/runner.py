@@ -6,11 +6,11 @@ from typing import Any
 
 from pipeline.manifest import Manifest
 from pipeline.progress import Progress, Silent
-from stages import extract
+from stages import extract, synthesize, train_generator
 from stages.base import StageSpec
 
 # The pipeline, in execution order. A stage joins by being listed here.
-PIPELINE: tuple[StageSpec, ...] = (extract.SPEC,)
+PIPELINE: tuple[StageSpec, ...] = (extract.SPEC, train_generator.SPEC, synthesize.SPEC)
 
 
 def run_all(manifest: Manifest, datasets: tuple[str, ...], device: str,
@@ -19,4 +19,8 @@ def run_all(manifest: Manifest, datasets: tuple[str, ...], device: str,
     stages: dict[str, Any] = {}
     stages["extract"] = extract.run(
         manifest, extract.ExtractOptions(datasets=datasets, device=device), progress)
+    stages["train-generator"] = train_generator.run(
+        manifest, train_generator.TrainGeneratorOptions(datasets=datasets, device=device), progress)
+    stages["synthesize"] = synthesize.run(
+        manifest, synthesize.SynthesizeOptions(datasets=datasets, device=device), progress)
     return {"stage": "run", "pipeline": [s.name for s in PIPELINE], "stages": stages}

@@ -79,10 +79,12 @@ def make_manifest(tmp_path: Path, small_demo: Path) -> Callable[..., Manifest]:
     """Write a manifest for `small_demo` (store under tmp_path) and load it."""
 
     def make(store: str = "store.zarr", model: dict[str, Any] | None = None,
-             **extraction: Any) -> Manifest:
+             ship: dict[str, Any] | None = None, **extraction: Any) -> Manifest:
         data = manifest_dict(small_demo, tmp_path / store, **extraction)
         if model:
             data["model"].update(model)
+        if ship:
+            data["ship"] = ship
         return load_manifest(write_manifest(tmp_path / f"{store}.yaml", data))
 
     return make

@@ -1,0 +1,99 @@
+"""Assembling tensors from the store: the few-shot training set of a dataset, on a device, once.
+
+Training stages read everything they need here and then never touch the store in their loops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.datasets import Split
+from pipeline.errors import StoreError, UsageError
+from pipeline.fingerprint import fingerprint
+from pipeline.store import Extractor, FeatureStore
+
+
+@dataclass(frozen=True)
+class FewShotSet:
+    """The K-shot training images of some classes, relabelled 0..C-1 in the given class order."""
+
+    classnames: tuple[str, ...]
+    labels: torch.Tensor  # (M,) int64, 0..C-1
+    clean: torch.Tensor  # (M, D) float32, unit norm
+    views: torch.Tensor  # (M, V, D) float32, unit norm; V = 0 when the extractor has no views
+    content_key: str  # sha256 of the image keys, labels and class names: the set's identity
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def select_labels(store: FeatureStore, dataset: str, which: str) -> list[int]:
+    """Label ids of `base`, `new` or `all` classes of a stored dataset."""
+    ds = store.dataset(dataset)
+    if which == "base":
+        return ds.base_labels
+    if which == "new":
+        return ds.new_labels
+    if which == "all":
+        return list(range(len(ds.classnames)))
+    raise UsageError(f"unknown class selection {which!r} (expected base, new or all)")
+
+
+def fewshot_set(store: FeatureStore, extractor: Extractor, dataset: str, shots: int, seed: int,
+                labels: list[int], device: torch.device) -> FewShotSet:
+    """The K-shot subset (seed) restricted to `labels`, features gathered from `extractor`."""
+    ds = store.dataset(dataset)
+    rows = ds.fewshot(shots, seed)
+    all_labels = ds.labels()
+    rows = rows[np.isin(all_labels[rows], labels)]
+    if rows.size == 0:
+        raise StoreError(f"dataset {dataset}: no {shots}-shot training images of the selected "
+                         f"classes in the store (run `shipyard extract`)")
+    keys = ds.keys()[rows]  # (M, 32)
+    remap = {label: i for i, label in enumerate(labels)}
+    new_labels = np.array([remap[int(x)] for x in all_labels[rows]], dtype=np.int64)
+    clean = _gather(extractor.images.index(), keys, extractor, "images", dataset)
+    views = (_gather(extractor.view_table.index(), keys, extractor, "views", dataset)
+             if extractor.views else np.zeros((len(rows), 0, extractor.dim), np.float16))
+    classnames = tuple(ds.classnames[i] for i in labels)
+    key = fingerprint({"keys": [k.tobytes().hex() for k in keys], "labels": new_labels.tolist(),
+                       "classnames": list(classnames)})
+    return FewShotSet(
+        classnames=classnames,
+        labels=torch.from_numpy(new_labels).to(device),
+        clean=_unit(clean, device),
+        views=_unit(views, device),
+        content_key=key,
+    )
+
+
+def _gather(index: dict[bytes, int], keys: np.ndarray, extractor: Extractor, table: str,
+            dataset: str) -> np.ndarray:
+    missing = [k for k in keys if k.tobytes() not in index]
+    if missing:
+        raise StoreError(f"dataset {dataset}: {len(missing)} training images have no {table} in "
+                         f"extractor {extractor.fp[:12]} (run `shipyard extract`)")
+    rows = np.array([index[k.tobytes()] for k in keys], dtype=np.int64)
+    source = extractor.images if table == "images" else extractor.view_table
+    return source.read("features", rows)
+
+
+def _unit(features: np.ndarray, device: torch.device) -> torch.Tensor:
+    """float16 rows -> float32 on device, re-normalized (the cast to float16 moves norms ~1e-3)."""
+    t = torch.from_numpy(features.astype(np.float32)).to(device)
+    if t.numel() == 0:
+        return t
+    return torch.nn.functional.normalize(t, dim=-1)
+
+
+def split_rows(store: FeatureStore, dataset: str, split: Split) -> np.ndarray:
+    return np.flatnonzero(store.dataset(dataset).splits() == split)
+
+
+def describe(s: FewShotSet) -> dict[str, Any]:
+    return {"images": s.size, "classes": len(s.classnames), "views": int(s.views.shape[1])}
