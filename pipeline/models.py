@@ -117,10 +117,25 @@ def load_clip(spec: ModelSpec, device: torch.device) -> ClipModel:
         tokenizer=open_clip.get_tokenizer(spec.name),
         preprocess=preprocess,
         weights_digest=state_dict_digest(model),
-        embed_dim=int(model.text_projection.shape[1]),
-        text_width=int(model.token_embedding.weight.shape[1]),
+        embed_dim=_embed_dim(model),
+        text_width=int(_text_parts(model).token_embedding.weight.shape[1]),
         device=device,
     )
+
+
+def _text_parts(model: Any) -> Any:
+    """open_clip.CLIP keeps its text tower on itself; CustomTextCLIP in `model.text`."""
+    return model if hasattr(model, "token_embedding") else model.text
+
+
+def _embed_dim(model: Any) -> int:
+    """D, read off the image tower's output: the same for every open_clip model family."""
+    size = model.visual.preprocess_cfg["size"]
+    side = size[0] if isinstance(size, tuple | list) else size
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, side, side, device=next(model.parameters()).device,
+                            dtype=next(model.visual.parameters()).dtype)
+        return int(model.encode_image(probe).shape[-1])
 
 
 def state_dict_digest(model: torch.nn.Module) -> str:

@@ -39,7 +39,8 @@ def save_tensors(parent: zarr.Group, name: str, tensors: Mapping[str, torch.Tens
     return group
 
 
-def load_tensors(parent: zarr.Group, name: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def load_tensors(parent: zarr.Group, name: str,
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     group = child_group(parent, name)
     out: dict[str, torch.Tensor] = {}
     for key in group.attrs["keys"]:  # type: ignore[union-attr]

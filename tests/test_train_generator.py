@@ -161,7 +161,7 @@ def test_synthesize_adds_only_missing_classes(make_manifest: Callable[..., Manif
     assert more["synthetic"] == s["synthetic"]
     assert more["classes"] == 11 and more["synthesized"] == 6 and more["reused"] == 5
     with FeatureStore.open(m.store) as store:
-        names = list(store.dataset("demo").classnames) + ["denim jacket"]
+        names = [*list(store.dataset("demo").classnames), "denim jacket"]
         feats = read_synthetic(store, s["synthetic"], names)
         assert set(feats) == set(names)
         for f in feats.values():

@@ -1,0 +1,174 @@
+"""Prompt-injected text encoding: truncated against full length, and against open_clip itself."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import open_clip
+import pytest
+import torch
+
+from pipeline.manifest import ModelSpec
+from pipeline.models import ClipModel, load_clip
+from pipeline.text_encoder import PromptEncoder
+
+NAMES = ["cat", "golden retriever puppy",
+         "greater spotted woodpecker perched on a snowy birch branch in the northern boreal forest"]
+LABELS = torch.tensor([0, 1, 2, 1, 0, 2, 2])
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one thread is as fast, and immune to the stalls of multi-threaded kernels
+    when other processes share the cores (0.07 s vs 11 s measured for the training test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def clip() -> ClipModel:
+    return load_clip(ModelSpec("shipyard-tiny"), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def encoder(clip: ClipModel) -> PromptEncoder:
+    return PromptEncoder.from_clip(clip)
+
+
+def _ctx_and_bias(encoder: PromptEncoder, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.randn(4, encoder.width, generator=gen).requires_grad_(True)
+    bias = (0.1 * torch.randn(batch, encoder.width, generator=gen)).requires_grad_(True)
+    return ctx, bias
+
+
+def test_class_names_have_different_token_lengths(encoder: PromptEncoder) -> None:
+    prompts = encoder.class_prompts(NAMES)
+    assert len(set(prompts.eos.tolist())) == len(NAMES)
+    assert int(prompts.eos.max()) + 1 < prompts.tokens.shape[1]  # truncation actually cuts
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("length_groups", [1, 3])
+def test_truncated_equals_full_length_forward_and_gradients(clip: ClipModel, with_bias: bool,
+                                                            length_groups: int) -> None:
+    encoder = PromptEncoder.from_clip(clip, length_groups=length_groups)
+    prompts = encoder.class_prompts(NAMES)
+    gen = torch.Generator().manual_seed(1)
+    weights = torch.randn(len(LABELS), encoder.embed_dim, generator=gen)
+    results = []
+    for truncate in (True, False):
+        ctx, bias = _ctx_and_bias(encoder, len(LABELS))
+        out = encoder(ctx, LABELS, prompts, bias if with_bias else None, truncate=truncate)
+        (out * weights).sum().backward()
+        results.append((out.detach(), ctx.grad, bias.grad))
+    (out_t, ctx_t, bias_t), (out_f, ctx_f, bias_f) = results
+    assert (out_t - out_f).abs().max() <= TOL
+    assert ctx_t is not None and ctx_f is not None
+    assert (ctx_t - ctx_f).abs().max() <= TOL
+    assert ctx_t.abs().max() > 0
+    if with_bias:
+        assert bias_t is not None and bias_f is not None
+        assert (bias_t - bias_f).abs().max() <= TOL
+        assert bias_t.abs().max() > 0
+    else:
+        assert bias_t is None and bias_f is None
+
+
+def test_length_groups_keep_per_sample_context_in_input_order(clip: ClipModel) -> None:
+    grouped = PromptEncoder.from_clip(clip, length_groups=4)  # more groups than lengths
+    single = PromptEncoder.from_clip(clip)
+    prompts = single.class_prompts(NAMES)
+    ctx = torch.randn(len(LABELS), 4, single.width, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = single(ctx, LABELS, prompts)
+        assert (grouped(ctx, LABELS, prompts) - expected).abs().max() <= TOL
+        assert (grouped(ctx[:1], LABELS[:1], prompts) - expected[:1]).abs().max() <= TOL
+
+
+def _open_clip_reference(model: torch.nn.Module, tokenizer: object) -> torch.Tensor:
+    texts = [f"a photo of a {name}." for name in NAMES]
+    with torch.no_grad():
+        return model.encode_text(tokenizer(texts), normalize=True)  # type: ignore[operator]
+
+
+def test_a_photo_of_a_reproduces_open_clip_encode_text(clip: ClipModel,
+                                                       encoder: PromptEncoder) -> None:
+    ctx = encoder.context_from_text("a photo of a")
+    assert ctx.shape == (4, clip.text_width)
+    with torch.no_grad():
+        ours = encoder(ctx, torch.arange(len(NAMES)), encoder.class_prompts(NAMES))
+    assert (ours - _open_clip_reference(clip.model, clip.tokenizer)).abs().max() <= TOL
+
+
+def test_custom_text_clip_reproduces_open_clip_encode_text(clip: ClipModel) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.create_model("shipyard-tiny", force_custom_text=True).eval()
+    assert isinstance(model, open_clip.CustomTextCLIP)
+    encoder = PromptEncoder(model, clip.tokenizer)
+    with torch.no_grad():
+        ours = encoder(encoder.context_from_text("a photo of a"), torch.arange(len(NAMES)),
+                       encoder.class_prompts(NAMES))
+    assert (ours - _open_clip_reference(model, clip.tokenizer)).abs().max() <= TOL
+
+
+def test_clip_weights_get_no_gradient_and_output_is_unit_norm(clip: ClipModel,
+                                                             encoder: PromptEncoder) -> None:
+    prompts = encoder.class_prompts(NAMES)
+    ctx, bias = _ctx_and_bias(encoder, len(LABELS))
+    out = encoder(ctx, LABELS, prompts, bias)
+    out.sum().backward()
+    assert all(p.grad is None for p in clip.model.parameters())
+    assert all(not p.requires_grad for p in encoder.parameters())
+    assert ctx.grad is not None and bias.grad is not None
+    assert torch.allclose(out.norm(dim=-1), torch.ones(len(LABELS)), atol=1e-6)
+
+
+def test_shapes_come_from_the_model(clip: ClipModel, encoder: PromptEncoder) -> None:
+    assert (encoder.width, encoder.embed_dim) == (clip.text_width, clip.embed_dim)
+    prompts = encoder.class_prompts(NAMES, n_ctx=3)
+    context_length = clip.model.positional_embedding.shape[0]
+    assert prompts.tokens.shape == (len(NAMES), context_length)
+    assert prompts.embeddings.shape == (len(NAMES), context_length, clip.text_width)
+    ctx = torch.randn(3, clip.text_width)
+    assert encoder(ctx, LABELS, prompts).shape == (len(LABELS), clip.embed_dim)
+    with pytest.raises(ValueError, match="ctx of shape"):
+        encoder(torch.randn(4, clip.text_width), LABELS, prompts)
+
+
+def test_per_sample_context_equals_shared_context(encoder: PromptEncoder) -> None:
+    prompts = encoder.class_prompts(NAMES)
+    ctx, bias = _ctx_and_bias(encoder, len(LABELS))
+    with torch.no_grad():
+        shared = encoder(ctx, LABELS, prompts, bias)
+        per_sample = encoder(ctx.expand(len(LABELS), -1, -1) + bias[:, None], LABELS, prompts)
+    assert (shared - per_sample).abs().max() <= TOL
+
+
+def test_encoder_stays_in_eval_mode(encoder: PromptEncoder) -> None:
+    encoder.train()
+    assert not any(m.training for m in encoder.modules())
+
+
+def test_half_precision_model_is_encoded_in_fp32(clip: ClipModel, encoder: PromptEncoder) -> None:
+    half = copy.deepcopy(clip.model).half()
+    encoder16 = PromptEncoder(half, clip.tokenizer)
+    assert all(p.dtype == torch.float32 for p in encoder16.parameters())
+    assert all(p.dtype == torch.float16 for p in half.parameters())  # the model is left alone
+    prompts16 = encoder16.class_prompts(NAMES)
+    assert prompts16.embeddings.dtype == torch.float32
+    ctx16, ctx = encoder16.context_from_text("a photo of a"), encoder.context_from_text("a photo of a")
+    with torch.no_grad():
+        diff = encoder16(ctx16, LABELS, prompts16) - encoder(ctx, LABELS, encoder.class_prompts(NAMES))
+    assert diff.abs().max() < 1e-2  # only the fp16 rounding of the weights differs
+
+
+def test_empty_batch(encoder: PromptEncoder) -> None:
+    prompts = encoder.class_prompts(NAMES)
+    out = encoder(torch.zeros(4, encoder.width), torch.zeros(0, dtype=torch.long), prompts)
+    assert out.shape == (0, encoder.embed_dim)
