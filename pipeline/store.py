@@ -325,6 +325,8 @@ class FeatureStore:
         try:
             zstore = _zarr_store(location, read_only, options)
             if exists:
+                if lock is not None:
+                    _sweep_partials(Path(location.removeprefix("file://")))
                 root = zarr.open_group(zstore, mode="r" if read_only else "r+")
                 fmt = root.attrs.get("shipyard_format")
                 if fmt is None:
@@ -491,6 +493,17 @@ def _store_exists(location: str, options: dict[str, Any] | None) -> bool:
             raise StoreError(f"{location}: the fsspec backend is not installed ({exc}); "
                              "for s3:// install shipyard[s3]") from None
     return (Path(location.removeprefix("file://")) / "zarr.json").is_file()
+
+
+def _sweep_partials(root: Path) -> None:
+    """Remove the temporary files of metadata writes a killed writer left in group folders.
+    Safe only under the writer lock; chunk folders (`c/`) are not walked, so this stays cheap."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "c"]
+        for name in files:
+            if name.endswith(".partial"):
+                with suppress(OSError):
+                    os.remove(os.path.join(folder, name))
 
 
 def _take_lock(location: str) -> Any | None:

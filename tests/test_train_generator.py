@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,6 +78,8 @@ tg.run(load_manifest(sys.argv[1]), tg.TrainGeneratorOptions(seeds=(1,), device="
 
 
 def _checkpoint_epoch(store: Path) -> int:
+    # Polling races the writer by design: zarr warns about its in-flight temporary files.
+    warnings.filterwarnings("ignore", message=".*partial is not recognized", category=UserWarning)
     try:
         root = zarr.open_group(zarr.storage.LocalStore(store, read_only=True), mode="r")
         for fp in root["generators"].group_keys():
