@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -174,6 +175,19 @@ def _extract_text(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class Method(StrEnum):
+    LINEAR_PROBE = "linear-probe"
+    CLIP_ADAPTER = "clip-adapter"
+    COOP = "coop"
+    TIP_ADAPTER_F = "tip-adapter-f"
+
+
+class IndexKind(StrEnum):
+    FLAT = "flat"
+    IVF = "ivf"
+    HNSW = "hnsw"
+
+
 SeedOpt = Annotated[list[int] | None, typer.Option(
     "--seed", help="Only this few-shot seed (repeatable). Default: the dataset's seeds.")]
 
@@ -232,6 +246,104 @@ def _synthesize_text(s: Summary) -> str:
         lines.append(f"  {r['dataset']} seed {r['seed']}: {r['classes']} classes, "
                      f"{r['synthesized']} sampled, {r['reused']} reused; "
                      f"synthetic {r['synthetic'][:12]}")
+    return "\n".join(lines)
+
+
+SyntheticOpt = Annotated[str, typer.Option(
+    help="Synthesized features to add: none, auto (this manifest's synthetic set) or a fingerprint.")]
+
+
+@app.command("train-adapter")
+def train_adapter(
+    ctx: typer.Context,
+    method: Annotated[Method, typer.Option(help="The head to train.")],
+    synthetic: SyntheticOpt = "none",
+    dataset: DatasetOpt = None,
+    seed: SeedOpt = None,
+    force: Annotated[bool, typer.Option(help="Retrain even if up to date.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a head on cached real (+ synthesized) features."""
+    from stages import train_adapter as stage
+
+    g: Globals = ctx.obj
+    opts = stage.TrainAdapterOptions(method=method.value, synthetic=synthetic,
+                                     datasets=tuple(dataset or ()), seeds=tuple(seed or ()),
+                                     device=g.device, force=force)
+    _run(as_json, lambda: stage.run(g.load(), opts, _progress(g)), _adapter_text)
+
+
+def _adapter_text(s: Summary) -> str:
+    lines = [f"train-adapter {s['method']}:"]
+    for r in s["adapters"]:
+        syn = f", synthetic {r['synthetic'][:12]}" if r["synthetic"] else ""
+        lines.append(f"  {r['dataset']} seed {r['seed']}: {r['status']}{syn} "
+                     f"({r['seconds']:.1f} s); adapter {r['adapter'][:12]}")
+    return "\n".join(lines)
+
+
+@app.command("build-cache")
+def build_cache(
+    ctx: typer.Context,
+    synthetic: SyntheticOpt = "none",
+    index: Annotated[IndexKind | None, typer.Option(
+        help="flat (exact) or an approximate top-k index. Default: heads.cache_index.")] = None,
+    topk: Annotated[int | None, typer.Option(min=1, help="Neighbours (approximate modes).")] = None,
+    dataset: DatasetOpt = None,
+    seed: SeedOpt = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if up to date.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build Tip-Adapter caches (keys, values, FAISS index; alpha/beta searched on val)."""
+    from stages import build_cache as stage
+
+    g: Globals = ctx.obj
+    opts = stage.BuildCacheOptions(synthetic=synthetic, index=index.value if index else None,
+                                   topk=topk, datasets=tuple(dataset or ()),
+                                   seeds=tuple(seed or ()), device=g.device, force=force)
+    _run(as_json, lambda: stage.run(g.load(), opts, _progress(g)), _cache_text)
+
+
+def _cache_text(s: Summary) -> str:
+    lines = [f"build-cache ({s['index']}):"]
+    for r in s["caches"]:
+        agree = r.get("agreement")
+        extra = f", top-1 agreement with exact {agree['top1_agreement']:.3f}" if agree else ""
+        lines.append(f"  {r['dataset']} seed {r['seed']}: {r['status']}, {r['keys']} keys, "
+                     f"alpha {r['alpha']:.2f}, beta {r['beta']:.2f}{extra}; cache {r['cache'][:12]}")
+    return "\n".join(lines)
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    dataset: DatasetOpt = None,
+    seed: SeedOpt = None,
+    report_dir: Annotated[Path | None, typer.Option(
+        help="Where the HTML reports go. Default: reports/ beside the manifest.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Evaluate this stored adapter only.")] = None,
+    cache: Annotated[str | None, typer.Option(help="Evaluate this stored cache only.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Base / new / H, GZSL and per-class accuracy of every head, mean over seeds."""
+    from stages import evaluate as stage
+
+    g: Globals = ctx.obj
+    opts = stage.EvaluateOptions(datasets=tuple(dataset or ()), seeds=tuple(seed or ()),
+                                 device=g.device, report_dir=report_dir, adapter=adapter,
+                                 cache=cache)
+    _run(as_json, lambda: stage.run(g.load(), opts, _progress(g)), _evaluate_text)
+
+
+def _evaluate_text(s: Summary) -> str:
+    lines = [f"evaluate (protocol {s['protocol']}):", *(f"  note: {n}" for n in s["notes"])]
+    for d in s["datasets"]:
+        lines.append(f"  {d['name']}: report {d['report']}")
+        lines.append(f"    {'method':22}{'base':>8}{'new':>8}{'H':>8}   "
+                     f"{'seen':>8}{'unseen':>8}{'H':>8}")
+        for r in d["table"]:
+            lines.append(f"    {r['method']:22}{r['base']:8.2f}{r['new']:8.2f}{r['h']:8.2f}   "
+                         f"{r['gzsl_seen']:8.2f}{r['gzsl_unseen']:8.2f}{r['gzsl_h']:8.2f}")
     return "\n".join(lines)
 
 
@@ -321,8 +433,11 @@ def store_verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     _run(as_json, work, text, ok=lambda s: bool(s["ok"]))
 
 
-_STAGE_TEXT: dict[str, Callable[[Summary], str]] = {
-    "extract": _extract_text, "train-generator": _generator_text, "synthesize": _synthesize_text}
+_STAGE_TEXT: dict[str, Callable[[Any], str]] = {
+    "extract": _extract_text, "train-generator": _generator_text, "synthesize": _synthesize_text,
+    "train-adapter": lambda runs: "\n".join(_adapter_text(r) for r in runs),
+    "build-cache": lambda runs: "\n".join(_cache_text(r) for r in runs),
+    "evaluate": _evaluate_text}
 
 
 if __name__ == "__main__":

@@ -106,6 +106,26 @@ class ShipSpec:
     synthesize: SynthesizeSpec = field(default_factory=SynthesizeSpec)
 
 
+class Protocol(StrEnum):
+    CLEAN = "clean"  # last epoch (or val); seeds averaged
+    PAPER = "paper"  # best epoch chosen on the test set, as the public SHIP / Tip-Adapter code do
+
+
+METHODS = ("zero-shot", "linear-probe", "clip-adapter", "coop", "tip-adapter", "tip-adapter-f")
+
+
+@dataclass(frozen=True)
+class HeadsSpec:
+    # Heads to evaluate; a '+ship' suffix adds the SHIP synthesized features of the new classes.
+    methods: tuple[str, ...] = ("zero-shot", "coop", "coop+ship", "tip-adapter", "tip-adapter-f",
+                                "tip-adapter-f+ship")
+    protocol: Protocol = Protocol.CLEAN
+    tip_scale: tuple[float, float] = (7.0, 3.0)  # [S_beta, S_alpha] of the alpha/beta grid on val
+    cache_index: str = "flat"  # flat (exact) | ivf | hnsw (approximate, top-k)
+    cache_topk: int | None = None  # neighbours for the approximate modes
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> HeadConfig fields
+
+
 @dataclass(frozen=True)
 class Manifest:
     path: Path
@@ -115,6 +135,7 @@ class Manifest:
     datasets: tuple[DatasetSpec, ...]
     store_options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
     ship: ShipSpec = field(default_factory=ShipSpec)
+    heads: HeadsSpec = field(default_factory=HeadsSpec)
 
     def dataset(self, name: str) -> DatasetSpec:
         for ds in self.datasets:
@@ -186,12 +207,13 @@ class _Reader:
             raise self.fail(where, f"unknown value {value!r} (expected one of: {', '.join(options)})")
         return enum(value)
 
-    def pair(self, value: Any, where: str, lo: float, hi: float) -> tuple[float, float]:
+    def pair(self, value: Any, where: str, lo: float, hi: float,
+             ordered: bool = True) -> tuple[float, float]:
         if not isinstance(value, list | tuple) or len(value) != 2:
             raise self.fail(where, f"expected a list of two numbers, got {value!r}")
         a = self.number(value[0], f"{where}[0]", lo, hi)
         b = self.number(value[1], f"{where}[1]", lo, hi)
-        if a > b:
+        if ordered and a > b:
             raise self.fail(where, f"expected [low, high] with low <= high, got {value!r}")
         return (a, b)
 
@@ -219,7 +241,8 @@ def load_manifest(path: Path | str, store_override: str | None = None) -> Manife
 
 def parse_manifest(data: Any, path: Path, store_override: str | None = None) -> Manifest:
     r = _Reader(path)
-    top = r.mapping(data, "", {"store", "store_options", "model", "extraction", "datasets", "ship"})
+    top = r.mapping(data, "", {"store", "store_options", "model", "extraction", "datasets", "ship",
+                               "heads"})
     base = path.resolve().parent
     store = store_override or r.string(r.required(top, "store", ""), "store")
     if not is_url(store):
@@ -238,7 +261,8 @@ def parse_manifest(data: Any, path: Path, store_override: str | None = None) -> 
         if names.count(name) > 1:
             raise r.fail("datasets", f"dataset name {name!r} is used more than once")
     ship = _parse_ship(r, top.get("ship") or {})
-    return Manifest(path, store, model, extraction, datasets, dict(options), ship)
+    heads = _parse_heads(r, top.get("heads") or {})
+    return Manifest(path, store, model, extraction, datasets, dict(options), ship, heads)
 
 
 def _parse_model(r: _Reader, raw: Any, base: Path) -> ModelSpec:
@@ -255,6 +279,46 @@ def _parse_model(r: _Reader, raw: Any, base: Path) -> ModelSpec:
         pretrained=pretrained,
         precision=r.choice(m.get("precision", "fp32"), "model.precision", Precision),
         init_seed=r.integer(m.get("init_seed", 0), "model.init_seed", 0),
+    )
+
+
+def _parse_heads(r: _Reader, raw: Any) -> HeadsSpec:
+    from pipeline.head_config import HeadConfig
+
+    allowed = {"methods", "protocol", "tip_scale", "cache_index", "cache_topk", "overrides"}
+    h = r.mapping(raw, "heads", allowed)
+    d = HeadsSpec()
+    methods = h.get("methods", list(d.methods))
+    if not isinstance(methods, list) or not methods:
+        raise r.fail("heads.methods", f"expected a non-empty list of methods, got {methods!r}")
+    for i, m in enumerate(methods):
+        if not isinstance(m, str) or m.removesuffix("+ship") not in METHODS:
+            raise r.fail(f"heads.methods[{i}]", f"unknown method {m!r} (known: {', '.join(METHODS)}, "
+                                                "each optionally with +ship)")
+    index = h.get("cache_index", d.cache_index)
+    if index not in ("flat", "ivf", "hnsw"):
+        raise r.fail("heads.cache_index", f"unknown index {index!r} (expected flat, ivf or hnsw)")
+    topk = h.get("cache_topk")
+    if topk is not None:
+        topk = r.integer(topk, "heads.cache_topk", 1)
+    overrides = r.mapping(h.get("overrides") or {}, "heads.overrides", set(METHODS))
+    defaults = HeadConfig()
+    for method, values in overrides.items():
+        r.mapping(values, f"heads.overrides.{method}", set(HeadConfig.__dataclass_fields__))
+        for key, value in values.items():
+            want = type(getattr(defaults, key))
+            ok = isinstance(value, want) or (want is float and isinstance(value, int))
+            if not ok or isinstance(value, bool):
+                raise r.fail(f"heads.overrides.{method}.{key}",
+                             f"expected {want.__name__}, got {value!r}")
+    return HeadsSpec(
+        methods=tuple(methods),
+        protocol=r.choice(h.get("protocol", d.protocol.value), "heads.protocol", Protocol),
+        tip_scale=r.pair(h.get("tip_scale", list(d.tip_scale)), "heads.tip_scale", 0.1, 1000.0,
+                         ordered=False),
+        cache_index=index,
+        cache_topk=topk,
+        overrides={m: dict(v) for m, v in overrides.items()},
     )
 
 

@@ -1,0 +1,142 @@
+"""Classifier heads over cached CLIP features: zero-shot, linear probe, CLIP-Adapter, CoOp and
+Tip-Adapter(-F). Every head maps (B, D) unit-norm image features to (B, C) logits over all C
+classes of a dataset (base then new). One registry names them; configs are frozen dataclasses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import UsageError
+from pipeline.head_config import HeadConfig
+from pipeline.text_encoder import PromptEncoder
+from pipeline.tip import tip_logits
+
+LOGIT_SCALE = 100.0
+
+
+class ZeroShot(nn.Module):
+    """logits = 100 f W^T with W the normalized class-name text features (C, D)."""
+
+    text: torch.Tensor
+
+    def __init__(self, text: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("text", F.normalize(text, dim=-1))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return LOGIT_SCALE * f @ self.text.T  # (B, D) @ (D, C)
+
+
+class LinearProbe(nn.Module):
+    """Logistic regression on normalized features, initialised at the zero-shot classifier so a
+    class without training data keeps its zero-shot weights instead of a random row."""
+
+    def __init__(self, text: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(F.normalize(text, dim=-1).clone())  # (C, D)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return LOGIT_SCALE * f @ self.weight.T
+
+
+class ClipAdapter(nn.Module):
+    """f' = a A(f) + (1 - a) f, A = Linear(D, D/4) ReLU Linear(D/4, D) ReLU (no biases)."""
+
+    text: torch.Tensor
+
+    def __init__(self, text: torch.Tensor, ratio: float) -> None:
+        super().__init__()
+        dim = text.shape[1]
+        self.adapter = nn.Sequential(nn.Linear(dim, dim // 4, bias=False), nn.ReLU(),
+                                     nn.Linear(dim // 4, dim, bias=False), nn.ReLU())
+        self.ratio = ratio
+        self.register_buffer("text", F.normalize(text, dim=-1))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        mixed = self.ratio * self.adapter(f) + (1 - self.ratio) * f  # (B, D)
+        return LOGIT_SCALE * F.normalize(mixed, dim=-1) @ self.text.T
+
+
+class CoOp(nn.Module):
+    """Learnable context shared by all classes, `[SOS] ctx {class}. [EOS]` through the frozen
+    text encoder; the class text features are recomputed from the context at every step."""
+
+    def __init__(self, encoder: PromptEncoder, classnames: tuple[str, ...], cfg: HeadConfig) -> None:
+        super().__init__()
+        init = encoder.context_from_text(cfg.ctx_init)
+        if init.shape[0] != cfg.n_ctx:
+            raise UsageError(f"ctx_init {cfg.ctx_init!r} has {init.shape[0]} tokens, n_ctx is "
+                             f"{cfg.n_ctx}")
+        self.ctx = nn.Parameter(init)  # (n, W)
+        object.__setattr__(self, "encoder", encoder)  # frozen CLIP weights stay unregistered
+        self.prompts = encoder.class_prompts(classnames, cfg.n_ctx)
+        self._frozen: torch.Tensor | None = None
+
+    def class_features(self) -> torch.Tensor:
+        labels = torch.arange(len(self.prompts), device=self.ctx.device)
+        return self.encoder(self.ctx, labels, self.prompts)  # type: ignore[operator]
+
+    def train(self, mode: bool = True) -> CoOp:
+        self._frozen = None  # text features are cached only while evaluating
+        return super().train(mode)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            text = self.class_features()
+        else:
+            if self._frozen is None:
+                with torch.no_grad():
+                    self._frozen = self.class_features()
+            text = self._frozen
+        return LOGIT_SCALE * f @ text.T  # (B, D) @ (D, C)
+
+
+class TipAdapter(nn.Module):
+    """logits = 100 f W^T + alpha exp(-beta (1 - f K^T)) V. With `trainable` (Tip-Adapter-F)
+    the keys K are a bias-free linear layer initialised from the cache; values stay fixed."""
+
+    text: torch.Tensor
+    key_labels: torch.Tensor
+
+    def __init__(self, text: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor,
+                 alpha: float, beta: float, trainable: bool) -> None:
+        super().__init__()
+        self.register_buffer("text", F.normalize(text, dim=-1))
+        self.register_buffer("key_labels", key_labels)
+        self.keys = nn.Parameter(keys.clone(), requires_grad=trainable)  # (N, D)
+        self.alpha, self.beta = alpha, beta
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return tip_logits(f, self.keys, self.key_labels, self.text, self.alpha, self.beta,
+                          LOGIT_SCALE)
+
+
+def cache_keys(views: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """Tip-Adapter keys: the mean of the cached augmented views, normalized (clean if none)."""
+    if views.shape[1] == 0:
+        return clean
+    return F.normalize(views.mean(dim=1), dim=-1)  # (M, V, D) -> (M, D)
+
+
+Builder = Callable[..., nn.Module]
+REGISTRY: dict[str, Builder] = {
+    "zero-shot": lambda text, **_: ZeroShot(text),
+    "linear-probe": lambda text, **_: LinearProbe(text),
+    "clip-adapter": lambda text, cfg, **_: ClipAdapter(text, cfg.ratio),
+    "coop": lambda text, cfg, encoder, classnames, **_: CoOp(encoder, classnames, cfg),
+    "tip-adapter": lambda text, cfg, keys, key_labels, **_: TipAdapter(
+        text, keys, key_labels, cfg.alpha, cfg.beta, trainable=False),
+    "tip-adapter-f": lambda text, cfg, keys, key_labels, **_: TipAdapter(
+        text, keys, key_labels, cfg.alpha, cfg.beta, trainable=True),
+}
+
+
+def build_head(method: str, **inputs: Any) -> nn.Module:
+    if method not in REGISTRY:
+        raise UsageError(f"unknown method {method!r} (known: {', '.join(REGISTRY)})")
+    return REGISTRY[method](**inputs)
