@@ -154,16 +154,3 @@ def test_store_commands_on_missing_store(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert result.stderr.strip() == f"error: no shipyard store at {tmp_path / 'none.zarr'} " \
                                     "(run `shipyard extract` first)"
-
-
-def test_run_executes_the_pipeline(tmp_path: Path, small_demo: Path) -> None:
-    data = manifest_dict(small_demo, tmp_path / "s.zarr")
-    data["ship"] = {"epochs": 3, "synthesize": {"per_class": 4}}
-    manifest_path = write_manifest(tmp_path / "run.yaml", data)
-    result = invoke("--manifest", str(manifest_path), "run", "--json")
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
-    assert out["pipeline"] == ["extract", "train-generator", "synthesize"]
-    assert out["stages"]["extract"]["extracted"] == 120
-    assert len(out["stages"]["train-generator"]["generators"]) == 2  # seeds 1 and 2
-    assert all(s["synthesized"] == 5 for s in out["stages"]["synthesize"]["sets"])

@@ -1,0 +1,130 @@
+"""train-adapter, build-cache and evaluate as stages and commands: the whole pipeline on a small
+demo, skipping, the paper protocol, approximate caches, and heads evaluated against the wrong
+features or classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.store import FeatureStore
+from tests.conftest import manifest_dict, write_manifest
+
+FAST = {"coop": {"epochs": 3}, "tip-adapter-f": {"epochs": 3}, "linear-probe": {"epochs": 3},
+        "clip-adapter": {"epochs": 3}}
+
+
+def _manifest(tmp_path: Path, small_demo: Path, name: str = "m.yaml", **heads: Any) -> Path:
+    data = manifest_dict(small_demo, tmp_path / "s.zarr")
+    data["ship"] = {"epochs": 3, "synthesize": {"per_class": 4}}
+    data["heads"] = {"overrides": FAST, **heads}
+    data["datasets"][0]["seeds"] = [1]
+    return write_manifest(tmp_path / name, data)
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture
+def ran(tmp_path: Path, small_demo: Path) -> dict[str, Any]:
+    path = _manifest(tmp_path, small_demo)
+    result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
+    assert result.exit_code == 0, result.output
+    return {"path": path, "out": json.loads(result.stdout), "tmp": tmp_path}
+
+
+def test_run_trains_every_head_and_reports(ran: dict[str, Any]) -> None:
+    out = ran["out"]
+    assert out["pipeline"] == ["extract", "train-generator", "synthesize", "train-adapter",
+                               "build-cache", "evaluate"]
+    evaluation = out["stages"]["evaluate"]
+    assert evaluation["protocol"] == "clean"
+    assert "random weights" in evaluation["notes"][0]
+    table = evaluation["datasets"][0]["table"]
+    assert [r["method"] for r in table] == ["zero-shot", "coop", "coop+ship", "tip-adapter",
+                                            "tip-adapter-f", "tip-adapter-f+ship"]
+    for row in table:
+        for key in ("base", "new", "h", "gzsl_seen", "gzsl_unseen", "gzsl_h"):
+            assert 0.0 <= row[key] <= 100.0, (row["method"], key)
+    by = {r["method"]: r for r in table}
+    # No synthesized features: the cache holds no new class, so new-class logits are zero-shot's.
+    assert by["tip-adapter"]["new"] == by["zero-shot"]["new"]
+    assert by["tip-adapter-f"]["new"] == by["zero-shot"]["new"]
+    report = Path(evaluation["datasets"][0]["report"])
+    html = report.read_text()
+    assert report.parent == ran["path"].parent / "reports"
+    assert "<svg" in html and "src=\"http" not in html and "coop+ship" in html
+    with FeatureStore.open(str(ran["tmp"] / "s.zarr")) as store:
+        assert store.artifact("runs", evaluation["datasets"][0]["run"]) is not None
+        assert len(store.artifact_fps("adapters")) == 4  # coop, coop+ship, tip-f, tip-f+ship
+        assert len(store.artifact_fps("caches")) == 1
+
+
+def test_second_run_skips_every_trained_artefact(ran: dict[str, Any]) -> None:
+    again = json.loads(invoke("--manifest", str(ran["path"]), "run", "--json").stdout)
+    stages = again["stages"]
+    assert stages["extract"]["extracted"] == 0
+    assert all(g["status"] == "up to date" for g in stages["train-generator"]["generators"])
+    assert all(a["status"] == "up to date" for run in stages["train-adapter"] for a in run["adapters"])
+    assert all(c["status"] == "up to date" for run in stages["build-cache"] for c in run["caches"])
+    first = ran["out"]["stages"]["evaluate"]["datasets"][0]["table"]
+    assert stages["evaluate"]["datasets"][0]["table"] == first  # same heads, same numbers
+
+
+def test_approximate_cache_reports_its_agreement(ran: dict[str, Any]) -> None:
+    result = invoke("--manifest", str(ran["path"]), "build-cache", "--index", "ivf", "--topk", "8",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    cache = json.loads(result.stdout)["caches"][0]
+    agreement = cache["agreement"]
+    assert agreement["topk"] == 8 and agreement["sample"] == 40  # the small demo's test split
+    assert 0.0 <= agreement["top1_agreement"] <= 1.0
+
+
+def test_paper_protocol_selects_on_test_and_says_so(tmp_path: Path, small_demo: Path) -> None:
+    path = _manifest(tmp_path, small_demo, protocol="paper", methods=["zero-shot", "coop"])
+    invoke("--manifest", str(path), "extract")
+    trained = json.loads(invoke("--manifest", str(path), "train-adapter", "--method", "coop",
+                                "--json").stdout)["adapters"][0]
+    assert 1 <= trained["selected_epoch"] <= 3
+    result = invoke("--manifest", str(path), "evaluate", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["protocol"] == "paper"
+
+
+def test_head_of_another_extractor_is_refused(ran: dict[str, Any], small_demo: Path) -> None:
+    adapter = ran["out"]["stages"]["train-adapter"][0]["adapters"][0]["adapter"]
+    data = manifest_dict(small_demo, ran["tmp"] / "s.zarr")
+    data["model"]["init_seed"] = 9  # other weights: another extractor in the same store
+    other = write_manifest(ran["tmp"] / "other.yaml", data)
+    assert invoke("--manifest", str(other), "extract").exit_code == 0
+    result = invoke("--manifest", str(other), "evaluate", "--adapter", adapter)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "was trained on features of extractor" in lines[0]
+
+
+def test_cache_for_other_classes_is_refused(ran: dict[str, Any], small_demo: Path) -> None:
+    cache = ran["out"]["stages"]["build-cache"][0]["caches"][0]["cache"]
+    split = json.loads((small_demo / "split.json").read_text())
+    for rows in split.values():
+        for row in rows:
+            row[2] = "handbag" if row[2] == "bag" else row[2]
+    (small_demo / "split.json").write_text(json.dumps(split))
+    assert invoke("--manifest", str(ran["path"]), "extract").exit_code == 0
+    result = invoke("--manifest", str(ran["path"]), "evaluate", "--cache", cache)
+    assert result.exit_code == 2
+    assert "was built for other classes than dataset demo's" in result.stderr
+
+
+def test_train_adapter_rejects_unknown_synthetic_set(ran: dict[str, Any]) -> None:
+    result = invoke("--manifest", str(ran["path"]), "train-adapter", "--method", "coop",
+                    "--synthetic", "f" * 64)
+    assert result.exit_code == 2
+    assert "no synthetic set ffffffffffff in the store" in result.stderr

@@ -1,0 +1,246 @@
+"""Tip-Adapter math and the FAISS cache, against obvious references: a hand loop, the dense torch
+formula, and the top-1 agreement recomputed from the two logit sets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import UsageError
+from pipeline.tip import (
+    CacheIndex,
+    agreement_report,
+    cache_logits,
+    search_alpha_beta,
+    search_grid,
+    tip_logits,
+    tip_logits_sparse,
+    tip_scales,
+    top1_agreement,
+)
+
+D, C = 64, 20
+
+
+def unit(*shape: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def random_cache() -> dict[str, torch.Tensor]:
+    """Random unit keys (N = 2000), labels over C classes, text weights and queries."""
+    labels = torch.randint(0, C, (2000,), generator=torch.Generator().manual_seed(1))
+    return {"keys": unit(2000, D, seed=2), "labels": labels, "text": unit(C, D, seed=3),
+            "queries": unit(300, D, seed=4)}
+
+
+def clustered(n_classes: int, per_class: int, noise: float, seed: int) -> tuple[torch.Tensor, ...]:
+    """Unit vectors around random class centres: (features, labels, centres)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(n_classes, D, generator=g), dim=-1)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    feats = F.normalize(centres[labels] + noise * torch.randn(len(labels), D, generator=g), dim=-1)
+    return feats, labels, centres
+
+
+def test_tip_logits_equal_a_hand_loop_on_a_tiny_cache() -> None:
+    keys, queries, text = unit(4, 5, seed=10), unit(3, 5, seed=11), unit(3, 5, seed=12)
+    labels = torch.tensor([2, 0, 2, 1])
+    alpha, beta = 1.7, 3.2
+    got = tip_logits(queries, keys, labels, text, alpha, beta)
+    want = torch.zeros(3, 3, dtype=torch.float64)
+    for b in range(3):
+        for c in range(3):
+            clip = 100.0 * sum(float(queries[b, d] * text[c, d]) for d in range(5))
+            cache = sum(math.exp(-beta * (1 - sum(float(queries[b, d] * keys[n, d]) for d in range(5))))
+                        for n in range(4) if int(labels[n]) == c)
+            want[b, c] = clip + alpha * cache
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(1.0, 1.0), (3.0, 5.5), (10.0, 0.3), (0.5, 20.0)])
+def test_flat_faiss_cache_equals_dense_reference(random_cache: dict, alpha: float, beta: float) -> None:
+    r, q = random_cache, random_cache["queries"][:128]
+    dense = tip_logits(q, r["keys"], r["labels"], r["text"], alpha, beta)
+    index = CacheIndex.build(r["keys"].numpy(), "flat")
+    # max_elements forces several search batches of k = N neighbours each
+    via_numpy = cache_logits(index, q.numpy(), r["labels"].numpy(), r["text"].numpy(), alpha, beta,
+                             max_elements=50 * index.ntotal)
+    via_torch = cache_logits(index, q, r["labels"], r["text"], alpha, beta)
+    assert isinstance(via_numpy, np.ndarray) and isinstance(via_torch, torch.Tensor)
+    # 1e-4, relative once |logit| > 1: at alpha 10, beta 0.3 logits reach ~800, where one float32
+    # ulp is 6e-5 and two summation orders differ by a few ulps
+    bound = 1e-4 * dense.abs().clamp(min=1.0)
+    assert (torch.from_numpy(via_numpy) - dense).abs().le(bound).all()
+    assert (via_torch - dense).abs().le(bound).all()
+
+
+def test_sparse_with_every_key_as_neighbour_equals_dense(random_cache: dict) -> None:
+    r = random_cache
+    sims = r["queries"] @ r["keys"].T  # (B, N)
+    order = sims.argsort(dim=1, descending=True)
+    nb_sims, nb_labels = sims.gather(1, order), r["labels"][order]
+    dense = tip_logits(r["queries"], r["keys"], r["labels"], r["text"], 2.0, 4.0)
+    sparse = tip_logits_sparse(r["queries"], nb_sims, nb_labels, r["text"], 2.0, 4.0)
+    torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=0)
+    # FAISS's padding for "no neighbour found" (label -1, sim -FLT_MAX) adds nothing
+    pad_sims = torch.cat([nb_sims, torch.full((len(sims), 3), -3.4e38)], dim=1)
+    pad_labels = torch.cat([nb_labels, torch.full((len(sims), 3), -1)], dim=1)
+    padded = tip_logits_sparse(r["queries"], pad_sims, pad_labels, r["text"], 2.0, 4.0)
+    torch.testing.assert_close(padded, sparse, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_agreement_report_equals_agreement_recomputed_from_logits(random_cache: dict, kind: str) -> None:
+    r = random_cache
+    alpha, beta, topk = 5.0, 6.0, 8
+    exact = CacheIndex.build(r["keys"].numpy(), "flat")
+    approx = CacheIndex.build(r["keys"].numpy(), kind, nprobe=2)
+    report = agreement_report(exact, approx, r["queries"].numpy(), r["labels"].numpy(),
+                              r["text"].numpy(), alpha, beta, topk=topk)
+    dense = tip_logits(r["queries"], r["keys"], r["labels"], r["text"], alpha, beta).numpy()
+    sims, ids = approx.search(r["queries"].numpy(), topk)
+    nb_labels = torch.where(torch.from_numpy(ids) >= 0, r["labels"][torch.from_numpy(ids).clamp(min=0)], -1)
+    sparse = tip_logits_sparse(r["queries"], torch.from_numpy(sims), nb_labels, r["text"], alpha,
+                               beta).numpy()
+    independent = float(np.mean(dense.argmax(axis=1) == sparse.argmax(axis=1)))
+    assert report == {"sample": 300, "top1_agreement": pytest.approx(independent), "topk": topk,
+                      "kind": kind}
+    assert top1_agreement(sparse, dense) == pytest.approx(independent)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_agreement_is_one_on_well_separated_clusters(kind: str) -> None:
+    keys, labels, centres = clustered(10, 100, noise=0.02, seed=20)
+    queries = F.normalize(centres.repeat(20, 1) + 0.02 * unit(200, D, seed=21), dim=-1)
+    text = unit(1, D, seed=22).expand(10, D)  # identical text rows: the cache alone decides
+    exact = CacheIndex.build(keys.numpy(), "flat")
+    approx = CacheIndex.build(keys.numpy(), kind)
+    report = agreement_report(exact, approx, queries, labels, text, 1.0, 5.0, topk=16)
+    assert report["top1_agreement"] == 1.0 and report["sample"] == 200
+
+
+def test_agreement_falls_well_below_one_with_one_probe_of_many_lists(random_cache: dict) -> None:
+    r = random_cache
+    text = r["text"][:1].expand(C, D)  # identical text rows: the cache alone decides
+    exact = CacheIndex.build(r["keys"].numpy(), "flat")
+    approx = CacheIndex.build(r["keys"].numpy(), "ivf", nlist=200, nprobe=1)
+    report = agreement_report(exact, approx, r["queries"], r["labels"], text, 1.0, 5.0, topk=16)
+    dense = tip_logits(r["queries"], r["keys"], r["labels"], text, 1.0, 5.0)
+    approx_logits = cache_logits(approx, r["queries"], r["labels"], text, 1.0, 5.0, topk=16)
+    assert report["top1_agreement"] < 0.8
+    assert report["top1_agreement"] == pytest.approx(top1_agreement(approx_logits, dense))
+    # same data, exact neighbours, every key: agreement is back to 1
+    full = agreement_report(exact, exact, r["queries"], r["labels"], text, 1.0, 5.0, topk=2000)
+    assert full["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_serialised_index_searches_identically(random_cache: dict, kind: str) -> None:
+    keys, queries = random_cache["keys"].numpy(), random_cache["queries"].numpy()
+    index = CacheIndex.build(keys, kind, nprobe=3, ef_search=40)
+    blob = index.to_bytes()
+    again = CacheIndex.from_bytes(blob)
+    assert blob.dtype == np.uint8 and again.kind == kind and again.ntotal == len(keys)
+    assert again.exact == (kind == "flat")
+    for k in (1, 10, 100):
+        s1, i1 = index.search(queries, k)
+        s2, i2 = again.search(queries, k)
+        assert s1.dtype == np.float32 and i1.dtype == np.int64 and s1.shape == (300, k)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(s1, s2)
+
+
+def test_full_scan_path_equals_faiss_flat_search(random_cache: dict) -> None:
+    """The matmul path a GPU flat index takes for k beyond FAISS's GPU limit, checked on CPU."""
+    index = CacheIndex.build(random_cache["keys"].numpy(), "flat")
+    q = random_cache["queries"].numpy()
+    s1, i1 = index.search(q, 50)
+    s2, i2 = index._full_scan(q, 50)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+    assert (i1 == i2).mean() > 0.99  # equal up to ties
+
+
+def test_bad_requests_raise_usage_errors(random_cache: dict) -> None:
+    keys = random_cache["keys"].numpy()
+    with pytest.raises(UsageError, match="unknown cache index"):
+        CacheIndex.build(keys, "lsh")
+    with pytest.raises(UsageError, match="nlist"):
+        CacheIndex.build(keys, "ivf", nlist=5000)
+    index = CacheIndex.build(keys, "flat")
+    with pytest.raises(UsageError, match="k must lie"):
+        index.search(keys[:2], 0)
+    with pytest.raises(UsageError, match="exact"):
+        agreement_report(CacheIndex.build(keys, "hnsw"), index, keys[:2], random_cache["labels"],
+                         random_cache["text"], 1.0, 1.0)
+
+
+def test_search_grid_follows_the_tip_adapter_formula() -> None:
+    betas, alphas = search_grid(7.0, 3.0)
+    assert len(betas) == 200 and len(alphas) == 20  # i, j in range(steps): S itself is excluded
+    for i in (0, 1, 117, 199):
+        assert betas[i] == pytest.approx(0.1 + i * (7.0 - 0.1) / 200)
+    for j in (0, 1, 11, 19):
+        assert alphas[j] == pytest.approx(0.1 + j * (3.0 - 0.1) / 20)
+    assert betas[0] == alphas[0] == 0.1 and betas[-1] < 7.0 and alphas[-1] < 3.0
+
+
+def planted_case(alpha: float, beta: float, eps: float = 2e-3) -> tuple[torch.Tensor, ...]:
+    """Two classes, key e0 for class 0 and e1 for class 1, text e2 and e3. A query at sim s to e0
+    and 0 to e1 has cache margin G(beta) = exp(-beta (1 - s)) - exp(-beta); its text margin is set
+    so it is right only if alpha G(beta) lies above (label 0) or below (label 1) the planted value
+    by eps. Pairs at s = 0.9 and s = 0.3 pin alpha G on two curves that cross only at the plant."""
+    feats, labels = [], []
+    for s in (0.9, 0.3):
+        target = alpha * (math.exp(-beta * (1 - s)) - math.exp(-beta))
+        for label, bound in ((0, target * (1 - eps)), (1, target * (1 + eps))):
+            margin = -bound / 100.0  # text logit 0 minus logit 1: right iff alpha G >< bound
+            q = torch.zeros(5, dtype=torch.float64)
+            q[0], q[2], q[3] = s, margin / 2, -margin / 2
+            q[4] = math.sqrt(1 - float(q[:4].square().sum()))
+            feats.append(q)
+            labels.append(label)
+    eye = torch.eye(5, dtype=torch.float64)
+    return torch.stack(feats), torch.tensor(labels), eye[:2], torch.tensor([0, 1]), eye[2:4]
+
+
+def test_alpha_beta_search_finds_the_planted_point() -> None:
+    betas, alphas = search_grid(7.0, 3.0)
+    want_alpha, want_beta = alphas[11], betas[117]
+    val, val_labels, keys, key_labels, text = planted_case(want_alpha, want_beta)
+    assert tip_logits(val, keys, key_labels, text, want_alpha, want_beta).argmax(1).tolist() == [0, 1, 0, 1]
+    alpha, beta, acc = search_alpha_beta(val, val_labels, keys, key_labels, text, 7.0, 3.0)
+    assert (alpha, beta, acc) == (want_alpha, want_beta, 1.0)
+    # one grid step away on either axis the plant is no longer fully right
+    for a, b in ((alphas[10], want_beta), (alphas[12], want_beta), (want_alpha, betas[116]),
+                 (want_alpha, betas[118])):
+        assert (tip_logits(val, keys, key_labels, text, a, b).argmax(1) == val_labels).float().mean() < 1
+
+
+def test_alpha_beta_search_equals_brute_force_with_first_best_on_ties(random_cache: dict) -> None:
+    r = random_cache
+    val = r["queries"][:120]
+    val_labels = torch.randint(0, C, (120,), generator=torch.Generator().manual_seed(5))
+    betas, alphas = search_grid(12.0, 5.0, beta_steps=8, alpha_steps=5)
+    best, best_acc = (0.0, 0.0), -1.0
+    for b in betas:  # the public code's loop order and strict '>'
+        for a in alphas:
+            logits = tip_logits(val, r["keys"], r["labels"], r["text"], a, b)
+            acc = float((logits.argmax(1) == val_labels).float().mean())
+            if acc > best_acc:
+                best, best_acc = (a, b), acc
+    # a small max_elements splits val into several row blocks
+    got = search_alpha_beta(val, val_labels, r["keys"], r["labels"], r["text"], 12.0, 5.0,
+                            beta_steps=8, alpha_steps=5, max_elements=50_000)
+    assert got[:2] == best and got[2] == pytest.approx(best_acc)
+
+
+def test_tip_scales_preset_holds_the_eleven_datasets() -> None:
+    scales = tip_scales()
+    assert len(scales) == 11
+    assert scales["ImageNet"] == (7.0, 3.0) and scales["Flowers102"] == (50.0, 50.0)
+    assert scales["StanfordCars"] == (20.0, 10.0) and scales["EuroSAT"] == (12.0, 10.0)
