@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StoreError
-from pipeline.extraction import extractor_description
 from pipeline.fingerprint import fingerprint
 from pipeline.manifest import Manifest
-from pipeline.models import load_clip, resolve_device
 from pipeline.progress import Progress, Silent
 from pipeline.store import FeatureStore
 from stages.base import StageSpec
+from stages.common import ModelContext, model_context
 from stages.plan import plan_datasets, records_table, select_datasets, view_keys
 
 SPEC = StageSpec(
@@ -37,8 +36,8 @@ def run(manifest: Manifest, opts: StatusOptions, progress: Progress | None = Non
     progress = progress or Silent()
     plans = plan_datasets(select_datasets(manifest, list(opts.datasets)),
                           manifest.extraction.workers, progress, opts.cache_dir)
-    clip = load_clip(manifest.model, resolve_device(opts.device))
-    fp = fingerprint(extractor_description(clip, manifest.extraction))
+    ctx = model_context(manifest, opts.device)
+    fp = ctx.extractor_fp
     out: dict[str, Any] = {"stage": "status", "store": manifest.store, "extractor": fp,
                            "up_to_date": False, "datasets": []}
     try:
@@ -64,7 +63,7 @@ def run(manifest: Manifest, opts: StatusOptions, progress: Progress | None = Non
             rows = view_keys(plan, arrays, manifest.extraction.views_for) if ex.views else []
             missing_views = len({arrays["keys"][r].tobytes() for r in rows} - have_views)
             texts = [t for t in plan.spec.templates if ex.texts(t, plan.data.classnames) is None]
-            entry = {
+            entry: dict[str, Any] = {
                 "name": plan.spec.name,
                 "records": len(plan.data.records) + len(plan.data.rejected),
                 "unusable": len(plan.failures),
@@ -74,9 +73,42 @@ def run(manifest: Manifest, opts: StatusOptions, progress: Progress | None = Non
                 "records_current": store.dataset_version(plan.spec.name) == version,
             }
             entry["stale"] = _reasons(entry)
+            if not entry["stale"]:  # later stages only mean something on current features
+                entry["stale"] += _artefacts(store, ctx, manifest, plan.spec, ex)
             out["datasets"].append(entry)
         out["up_to_date"] = all(not d["stale"] for d in out["datasets"])
     return out
+
+
+def _artefacts(store: FeatureStore, ctx: ModelContext, manifest: Manifest, spec: Any,
+               ex: Any) -> list[str]:
+    """What `run` would still train or build for this dataset, per seed and head."""
+    from stages.build_cache import cache_description
+    from stages.head_inputs import head_inputs, synthetic_fp
+    from stages.train_adapter import adapter_fp
+
+    missing = []
+    h = manifest.heads
+    for seed in spec.seeds:
+        inputs = head_inputs(store, ex, spec, seed, ctx.clip.device)
+        syn = synthetic_fp(ctx, manifest, inputs)
+        ship_needed = any(m.endswith("+ship") for m in h.methods)
+        if ship_needed and store.artifact("synthetic", syn) is None:
+            missing.append(f"seed {seed}: no SHIP synthetic set for the current settings")
+        for method in h.methods:
+            base, uses = method.removesuffix("+ship"), syn if method.endswith("+ship") else None
+            if base == "zero-shot":
+                continue
+            if base == "tip-adapter":
+                fp = fingerprint(cache_description(ctx, inputs, uses, h.cache_index, h.cache_topk,
+                                                   h.tip_scale))
+                present = store.artifact("caches", fp) is not None
+            else:
+                present = store.artifact("adapters", adapter_fp(ctx, manifest, inputs, base,
+                                                                uses)) is not None
+            if not present:
+                missing.append(f"seed {seed}: {method} not trained/built for the current settings")
+    return missing
 
 
 def _known_failures(store: FeatureStore, name: str) -> set[str]:

@@ -77,6 +77,19 @@ def test_second_run_skips_every_trained_artefact(ran: dict[str, Any]) -> None:
     assert stages["evaluate"]["datasets"][0]["table"] == first  # same heads, same numbers
 
 
+def test_status_names_heads_not_trained_for_current_settings(ran: dict[str, Any],
+                                                            small_demo: Path) -> None:
+    status = json.loads(invoke("--manifest", str(ran["path"]), "status", "--json").stdout)
+    assert status["up_to_date"] is True
+    changed = _manifest(ran["tmp"], small_demo, name="changed.yaml",
+                        overrides={**FAST, "coop": {"epochs": 4}})
+    status = json.loads(invoke("--manifest", str(changed), "status", "--json").stdout)
+    assert status["up_to_date"] is False
+    assert status["datasets"][0]["stale"] == [
+        "seed 1: coop not trained/built for the current settings",
+        "seed 1: coop+ship not trained/built for the current settings"]
+
+
 def test_approximate_cache_reports_its_agreement(ran: dict[str, Any]) -> None:
     result = invoke("--manifest", str(ran["path"]), "build-cache", "--index", "ivf", "--topk", "8",
                     "--json")
