@@ -125,6 +125,9 @@ def main(
     handler.addFilter(_DropRandomWeightsWarning())
     root.addHandler(handler)
     root.setLevel(level)
+    # aiohttp sessions of fsspec backends complain on interpreter exit after a failed request;
+    # the one-line error already said what failed.
+    logging.getLogger("asyncio").setLevel(logging.DEBUG if verbosity > 1 else logging.CRITICAL)
     ctx.obj = Globals(manifest=manifest, store=store, device=device, verbosity=verbosity)
 
 

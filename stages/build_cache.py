@@ -16,7 +16,14 @@ from pipeline.heads import LOGIT_SCALE, cache_keys
 from pipeline.manifest import Manifest
 from pipeline.progress import Progress
 from pipeline.store import FeatureStore, attrs_of, child_array, read_array
-from pipeline.tip import CacheIndex, cache_logits, search_alpha_beta, tip_logits, top1_agreement
+from pipeline.tip import (
+    CacheIndex,
+    cache_logits,
+    resolve_topk,
+    search_alpha_beta,
+    tip_logits,
+    top1_agreement,
+)
 from stages.base import StageSpec
 from stages.common import ModelContext, model_context, require_extractor
 from stages.head_inputs import HeadInputs, head_inputs, resolve_synthetic, synthetic_features
@@ -125,8 +132,8 @@ def _agreement(index: CacheIndex, keys: torch.Tensor, labels: torch.Tensor, inpu
     q = inputs.test.features[:2048]
     exact = tip_logits(q, keys, labels, inputs.text, tuned["alpha"], tuned["beta"], LOGIT_SCALE)
     approx = cache_logits(index, q.cpu().numpy(), labels.cpu().numpy(), inputs.text.cpu().numpy(),
-                          tuned["alpha"], tuned["beta"], topk=topk or 16)
-    return {"sample": len(q), "topk": topk or 16,
+                          tuned["alpha"], tuned["beta"], topk=topk)
+    return {"sample": len(q), "topk": resolve_topk(index, topk),
             "top1_agreement": top1_agreement(torch.as_tensor(approx), exact.cpu())}
 
 

@@ -66,6 +66,7 @@ def manifest_dict(data_root: Path, store: Path, **extraction: Any) -> dict[str, 
             "shots": 4,
             "seeds": [1, 2],
         }],
+        "heads": {"methods": ["zero-shot"]},  # nothing to train unless a test asks for heads
     }
 
 
