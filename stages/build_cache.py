@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import UsageError
 from pipeline.fingerprint import fingerprint
 from pipeline.heads import LOGIT_SCALE, cache_keys
 from pipeline.manifest import Manifest
@@ -26,7 +25,13 @@ from pipeline.tip import (
 )
 from stages.base import StageSpec
 from stages.common import ModelContext, model_context, require_extractor
-from stages.head_inputs import HeadInputs, head_inputs, resolve_synthetic, synthetic_features
+from stages.head_inputs import (
+    HeadInputs,
+    checked_artifact,
+    head_inputs,
+    resolve_synthetic,
+    synthetic_features,
+)
 
 SPEC = StageSpec(
     name="build-cache",
@@ -153,18 +158,10 @@ class CachedTip(torch.nn.Module):
 
 
 def load_cache(store: FeatureStore, fp: str, ctx: ModelContext, inputs: HeadInputs) -> CachedTip:
-    group = store.artifact("caches", fp)
-    if group is None:
-        raise UsageError(f"{store.location} has no Tip-Adapter cache {fp[:12]} "
-                         "(run `shipyard build-cache`)")
-    a = attrs_of(group)
+    a = checked_artifact(store, "caches", fp, ctx, inputs)
     desc = a["fingerprint"]
-    if desc["extractor"] != ctx.extractor_fp:
-        raise UsageError(f"cache {fp[:12]} holds features of extractor {desc['extractor'][:12]}, "
-                         f"not this manifest's {ctx.extractor_fp[:12]}")
-    if desc["classnames"] != list(inputs.classnames):
-        raise UsageError(f"cache {fp[:12]} was built for other classes than dataset "
-                         f"{inputs.dataset}'s")
+    group = store.artifact("caches", fp)
+    assert group is not None  # checked_artifact found it
     index = CacheIndex.from_bytes(read_array(child_array(group, "index")))
     return CachedTip(index, read_array(child_array(group, "labels")), inputs.text,
                      float(a["alpha"]), float(a["beta"]), desc["topk"])

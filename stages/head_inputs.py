@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from pipeline.errors import StoreError, UsageError
 from pipeline.features import FewShotSet, fewshot_set
 from pipeline.fingerprint import fingerprint
 from pipeline.manifest import DatasetSpec, Manifest
-from pipeline.store import Extractor, FeatureStore
+from pipeline.store import Extractor, FeatureStore, attrs_of
 from stages.common import ModelContext
 from stages.synthesize import read_synthetic, synthetic_description
 from stages.train_generator import generator_description, ship_config, train_config
@@ -125,3 +126,21 @@ def resolve_synthetic(store: FeatureStore, ctx: ModelContext, manifest: Manifest
                          f"{fp[:12]} in the store (run `shipyard synthesize`)")
     return fp
 
+
+def checked_artifact(store: FeatureStore, kind: str, fp: str, ctx: ModelContext,
+                     inputs: HeadInputs) -> dict[str, Any]:
+    """Attributes of a stored head or cache, refused unless it was made from this extractor's
+    features for exactly this dataset's classes."""
+    what = {"adapters": ("adapter", "train-adapter"), "caches": ("cache", "build-cache")}[kind]
+    group = store.artifact(kind, fp)
+    if group is None:
+        raise UsageError(f"{store.location} has no {what[0]} {fp[:12]} (run `shipyard {what[1]}`)")
+    attrs = attrs_of(group)
+    desc = attrs["fingerprint"]
+    if desc["extractor"] != ctx.extractor_fp:
+        raise UsageError(f"{what[0]} {fp[:12]} was made from features of extractor "
+                         f"{desc['extractor'][:12]}, not this manifest's {ctx.extractor_fp[:12]}")
+    if desc["classnames"] != list(inputs.classnames):
+        raise UsageError(f"{what[0]} {fp[:12]} was made for other classes than dataset "
+                         f"{inputs.dataset}'s")
+    return attrs

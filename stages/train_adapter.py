@@ -24,7 +24,13 @@ from pipeline.weights import load_tensors, save_tensors
 from stages.base import StageSpec
 from stages.build_cache import tune_alpha_beta
 from stages.common import ModelContext, model_context, require_extractor
-from stages.head_inputs import HeadInputs, head_inputs, resolve_synthetic, synthetic_features
+from stages.head_inputs import (
+    HeadInputs,
+    checked_artifact,
+    head_inputs,
+    resolve_synthetic,
+    synthetic_features,
+)
 
 SPEC = StageSpec(
     name="train-adapter",
@@ -147,18 +153,10 @@ def _test_h(inputs: HeadInputs) -> Any:
 
 def load_adapter(store: FeatureStore, fp: str, ctx: ModelContext, inputs: HeadInputs) -> nn.Module:
     """A trained head, checked against this extractor and these classes."""
-    group = store.artifact("adapters", fp)
-    if group is None:
-        raise UsageError(f"{store.location} has no trained adapter {fp[:12]} "
-                         "(run `shipyard train-adapter`)")
-    attrs = attrs_of(group)
+    attrs = checked_artifact(store, "adapters", fp, ctx, inputs)
     desc = attrs["fingerprint"]
-    if desc["extractor"] != ctx.extractor_fp:
-        raise UsageError(f"adapter {fp[:12]} was trained on features of extractor "
-                         f"{desc['extractor'][:12]}, not this manifest's {ctx.extractor_fp[:12]}")
-    if desc["classnames"] != list(inputs.classnames):
-        raise UsageError(f"adapter {fp[:12]} was trained for other classes than dataset "
-                         f"{inputs.dataset}'s")
+    group = store.artifact("adapters", fp)
+    assert group is not None  # checked_artifact found it
     cfg = replace(HeadConfig(), **desc["config"])
     syn = None
     if desc["synthetic"] and desc["method"].startswith("tip-adapter"):

@@ -120,7 +120,7 @@ def test_head_of_another_extractor_is_refused(ran: dict[str, Any], small_demo: P
     result = invoke("--manifest", str(other), "evaluate", "--adapter", adapter)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "was trained on features of extractor" in lines[0]
+    assert len(lines) == 1 and "was made from features of extractor" in lines[0]
 
 
 def test_cache_for_other_classes_is_refused(ran: dict[str, Any], small_demo: Path) -> None:
@@ -133,7 +133,7 @@ def test_cache_for_other_classes_is_refused(ran: dict[str, Any], small_demo: Pat
     assert invoke("--manifest", str(ran["path"]), "extract").exit_code == 0
     result = invoke("--manifest", str(ran["path"]), "evaluate", "--cache", cache)
     assert result.exit_code == 2
-    assert "was built for other classes than dataset demo's" in result.stderr
+    assert "was made for other classes than dataset demo's" in result.stderr
 
 
 def test_train_adapter_rejects_unknown_synthetic_set(ran: dict[str, Any]) -> None:

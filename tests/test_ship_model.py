@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.manifest import ModelSpec
-from pipeline.models import ClipModel, load_clip
+from pipeline.models import ClipModel
 from pipeline.ship import ShipConfig, ShipGenerator, ship_loss
 from pipeline.text_encoder import PromptEncoder
 
@@ -18,24 +16,7 @@ NAMES = ["cat", "golden retriever puppy", "red-winged blackbird"]
 SMALL = ShipConfig(latent_dim=16, encoder_hidden=32, generator_hidden=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is as fast, and immune to the stalls of multi-threaded kernels
-    when other processes share the cores (0.07 s vs 11 s measured for the training test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def clip() -> ClipModel:
-    return load_clip(ModelSpec("shipyard-tiny"), torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def encoder(clip: ClipModel) -> PromptEncoder:
-    return PromptEncoder.from_clip(clip)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(encoder: PromptEncoder, config: ShipConfig = SMALL, seed: int = 0) -> ShipGenerator:

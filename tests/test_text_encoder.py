@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import open_clip
 import pytest
 import torch
 
-from pipeline.manifest import ModelSpec
-from pipeline.models import ClipModel, load_clip
+from pipeline.models import ClipModel
 from pipeline.text_encoder import PromptEncoder
 
 NAMES = ["cat", "golden retriever puppy",
@@ -19,24 +17,7 @@ LABELS = torch.tensor([0, 1, 2, 1, 0, 2, 2])
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is as fast, and immune to the stalls of multi-threaded kernels
-    when other processes share the cores (0.07 s vs 11 s measured for the training test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def clip() -> ClipModel:
-    return load_clip(ModelSpec("shipyard-tiny"), torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def encoder(clip: ClipModel) -> PromptEncoder:
-    return PromptEncoder.from_clip(clip)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ctx_and_bias(encoder: PromptEncoder, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
