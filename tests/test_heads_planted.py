@@ -91,6 +91,7 @@ def test_tip_adapter_f_with_ship_gains_on_new_classes(planted: dict) -> None:
     plain = _fit(planted, "tip-adapter-f", False)
     ship = _fit(planted, "tip-adapter-f", True)
     print(f"\nzero-shot {zero_shot}\ntip-adapter-f {plain}\ntip-adapter-f+ship {ship}")
+    # Measured (seeded): zero-shot B 24.7 / N 39.2; Tip-Adapter-F 47.3 / 39.2; +SHIP 47.5 / 61.8.
     # Without synthesized features the cache holds no new class: new logits are zero-shot's.
     assert plain["new"] == pytest.approx(zero_shot["new"], abs=1e-9)
     assert ship["new"] >= plain["new"] + 10.0
@@ -98,7 +99,8 @@ def test_tip_adapter_f_with_ship_gains_on_new_classes(planted: dict) -> None:
 
 
 def test_coop_with_ship_is_compared_with_coop(planted: dict) -> None:
-    """Reported whatever the result (the acceptance asks for the comparison, not a winner)."""
+    """Reported whatever the result (the acceptance asks for the comparison, not a winner).
+    Measured (seeded, 30 epochs): CoOp B 42.7 / N 42.0; CoOp+SHIP B 44.8 / N 55.8."""
     plain = _fit(planted, "coop", False, epochs=30)
     ship = _fit(planted, "coop", True, epochs=30)
     print(f"\ncoop {plain}\ncoop+ship {ship}")
