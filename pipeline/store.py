@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ class RowTable:
     def __init__(self, group: zarr.Group, read_only: bool) -> None:
         self.group = group
         self.read_only = read_only
+        self._index: tuple[int, dict[bytes, int]] | None = None  # (rows, key -> row)
 
     @classmethod
     def create(cls, parent: zarr.Group, name: str, columns: dict[str, tuple[tuple[int, ...], str]],
@@ -100,9 +102,13 @@ class RowTable:
         return read_array(self.array("keys"), 0, self.rows)
 
     def index(self) -> dict[bytes, int]:
-        """key -> row for every committed row."""
-        keys = self.keys()
-        return {keys[i].tobytes(): i for i in range(len(keys))}
+        """key -> row for every committed row. Built once per committed row count and shared:
+        callers must not modify it."""
+        rows = self.rows
+        if self._index is None or self._index[0] != rows:
+            keys = read_array(self.array("keys"), 0, rows)
+            self._index = (rows, {keys[i].tobytes(): i for i in range(len(keys))})
+        return self._index[1]
 
     def read(self, column: str, rows: np.ndarray | None = None) -> np.ndarray:
         """Committed rows of a column: all, or the given row indices (any order, repeats ok)."""
@@ -206,11 +212,11 @@ class Extractor:
     def views(self) -> int:
         return int(attrs_of(self.group)["views"])
 
-    @property
+    @cached_property
     def images(self) -> RowTable:
         return RowTable(self._sub("images"), self.read_only)
 
-    @property
+    @cached_property
     def view_table(self) -> RowTable:
         if self.views == 0:
             raise ExtractorMismatchError(f"extractor {self.fp[:12]} was built without "

@@ -24,7 +24,7 @@ from pipeline.tip import (
     top1_agreement,
 )
 from stages.base import StageSpec
-from stages.common import ModelContext, model_context, require_extractor
+from stages.common import ModelContext, dataset_seeds, model_context, require_extractor
 from stages.head_inputs import (
     HeadInputs,
     checked_artifact,
@@ -88,13 +88,11 @@ def run(manifest: Manifest, opts: BuildCacheOptions,
     results = []
     with FeatureStore.open(manifest.store, read_only=False, options=manifest.store_options) as store:
         ex = require_extractor(store, ctx)
-        for name in opts.datasets or tuple(d.name for d in manifest.datasets):
-            spec = manifest.dataset(name)
-            for seed in opts.seeds or spec.seeds:
-                inputs = head_inputs(store, ex, spec, seed, ctx.clip.device)
-                syn = resolve_synthetic(store, ctx, manifest, inputs, opts.synthetic)
-                out = build_cache(store, ctx, manifest, inputs, syn, kind, topk, opts.force)
-                results.append({"dataset": name, "seed": seed, **out})
+        for spec, seed in dataset_seeds(manifest, opts.datasets, opts.seeds):
+            inputs = head_inputs(store, ex, spec, seed, ctx.clip.device)
+            syn = resolve_synthetic(store, ctx, manifest, inputs, opts.synthetic)
+            out = build_cache(store, ctx, manifest, inputs, syn, kind, topk, opts.force)
+            results.append({"dataset": spec.name, "seed": seed, **out})
     return {"stage": SPEC.name, "index": kind, "topk": topk, "caches": results}
 
 

@@ -22,7 +22,7 @@ from pipeline.report import write_report
 from pipeline.store import FeatureStore, attrs_of
 from stages.base import StageSpec
 from stages.build_cache import cache_description, load_cache
-from stages.common import ModelContext, model_context, require_extractor
+from stages.common import ModelContext, model_context, require_extractor, seeds_of
 from stages.head_inputs import (
     HeadInputs,
     head_inputs,
@@ -88,8 +88,8 @@ def run(manifest: Manifest, opts: EvaluateOptions,
     out = []
     with FeatureStore.open(manifest.store, read_only=False, options=manifest.store_options) as store:
         ex = require_extractor(store, ctx)
-        for name in opts.datasets or tuple(d.name for d in manifest.datasets):
-            spec = manifest.dataset(name)
+        specs = [manifest.dataset(n) for n in opts.datasets] or list(manifest.datasets)
+        for spec in specs:
             out.append(_evaluate_dataset(store, ctx, ex, manifest, spec, opts, progress))
     notes = [] if manifest.model.pretrained else [
         f"model {manifest.model.name} has random weights (no pretrained checkpoint): these numbers "
@@ -101,7 +101,7 @@ def run(manifest: Manifest, opts: EvaluateOptions,
 def _evaluate_dataset(store: FeatureStore, ctx: ModelContext, ex: Any, manifest: Manifest,
                       spec: Any, opts: EvaluateOptions, progress: Progress) -> dict[str, Any]:
     started = time.perf_counter()
-    seeds = opts.seeds or spec.seeds
+    seeds = seeds_of(spec, opts.seeds)
     explicit = opts.adapter or opts.cache
     methods: list[str] = [explicit] if explicit else list(manifest.heads.methods)
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}

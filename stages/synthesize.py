@@ -10,20 +10,15 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UsageError
-from pipeline.features import fewshot_set, select_labels
+from pipeline.features import select_labels
 from pipeline.fingerprint import fingerprint
 from pipeline.manifest import Manifest
 from pipeline.progress import Progress, Silent
 from pipeline.store import FeatureStore, RowTable, attrs_of, child_group
 from pipeline.synthesis import Synthesizer
 from stages.base import StageSpec
-from stages.common import ModelContext, model_context, require_extractor
-from stages.train_generator import (
-    generator_description,
-    load_generator,
-    ship_config,
-    train_config,
-)
+from stages.common import ModelContext, dataset_seeds, model_context, require_extractor
+from stages.train_generator import generator_inputs, load_generator, ship_config, train_config
 
 SPEC = StageSpec(
     name="synthesize",
@@ -64,21 +59,17 @@ def run(manifest: Manifest, opts: SynthesizeOptions,
     results = []
     with FeatureStore.open(manifest.store, read_only=False, options=manifest.store_options) as store:
         ex = require_extractor(store, ctx)
-        for name in opts.datasets or tuple(d.name for d in manifest.datasets):
-            spec = manifest.dataset(name)
-            classnames = resolve_classes(store, name, opts.classes or syn.classes)
-            for seed in opts.seeds or spec.seeds:
-                data = fewshot_set(store, ex, name, spec.shots, seed,
-                                   select_labels(store, name, "base"), ctx.clip.device)
-                gen_fp = fingerprint(generator_description(
-                    ctx, data, name, spec.shots, seed, ship_config(manifest.ship.variant),
-                    train_config(manifest)))
-                if store.artifact("generators", gen_fp) is None:
-                    raise UsageError(f"dataset {name} seed {seed}: no trained generator for this "
-                                     "manifest's model and ship settings (run `shipyard "
-                                     "train-generator` first)")
-                out = synthesize_into(store, ctx, gen_fp, classnames, per_class, syn.seed, progress)
-                results.append({"dataset": name, "seed": seed, **out})
+        config, train = ship_config(manifest.ship.variant), train_config(manifest)
+        for spec, seed in dataset_seeds(manifest, opts.datasets, opts.seeds):
+            classnames = resolve_classes(store, spec.name, opts.classes or syn.classes)
+            _data, desc = generator_inputs(store, ex, ctx, spec, seed, config, train)
+            gen_fp = fingerprint(desc)
+            if store.artifact("generators", gen_fp) is None:
+                raise UsageError(f"dataset {spec.name} seed {seed}: no trained generator for this "
+                                 "manifest's model and ship settings (run `shipyard "
+                                 "train-generator` first)")
+            out = synthesize_into(store, ctx, gen_fp, classnames, per_class, syn.seed, progress)
+            results.append({"dataset": spec.name, "seed": seed, **out})
     return {"stage": SPEC.name, "extractor": ctx.extractor_fp, "per_class": per_class,
             "sets": results}
 

@@ -23,7 +23,7 @@ from pipeline.text_encoder import PromptEncoder
 from pipeline.weights import load_tensors, save_tensors
 from stages.base import StageSpec
 from stages.build_cache import tune_alpha_beta
-from stages.common import ModelContext, model_context, require_extractor
+from stages.common import ModelContext, dataset_seeds, model_context, require_extractor
 from stages.head_inputs import (
     HeadInputs,
     checked_artifact,
@@ -61,14 +61,12 @@ def run(manifest: Manifest, opts: TrainAdapterOptions,
     results = []
     with FeatureStore.open(manifest.store, read_only=False, options=manifest.store_options) as store:
         ex = require_extractor(store, ctx)
-        for name in opts.datasets or tuple(d.name for d in manifest.datasets):
-            spec = manifest.dataset(name)
-            for seed in opts.seeds or spec.seeds:
-                inputs = head_inputs(store, ex, spec, seed, ctx.clip.device)
-                syn = resolve_synthetic(store, ctx, manifest, inputs, opts.synthetic)
-                out = train_adapter(store, ctx, manifest, inputs, opts.method, syn, opts.force,
-                                    progress)
-                results.append({"dataset": name, "seed": seed, **out})
+        for spec, seed in dataset_seeds(manifest, opts.datasets, opts.seeds):
+            inputs = head_inputs(store, ex, spec, seed, ctx.clip.device)
+            syn = resolve_synthetic(store, ctx, manifest, inputs, opts.synthetic)
+            out = train_adapter(store, ctx, manifest, inputs, opts.method, syn, opts.force,
+                                progress)
+            results.append({"dataset": spec.name, "seed": seed, **out})
     return {"stage": SPEC.name, "method": opts.method, "adapters": results}
 
 

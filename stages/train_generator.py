@@ -13,14 +13,14 @@ from pipeline.errors import UsageError
 from pipeline.features import FewShotSet, fewshot_set, select_labels
 from pipeline.fingerprint import fingerprint
 from pipeline.generator_training import Checkpoint, TrainConfig, train_ship
-from pipeline.manifest import Manifest, ShipVariant
+from pipeline.manifest import DatasetSpec, Manifest, ShipVariant
 from pipeline.progress import Progress, Silent
 from pipeline.ship import ShipConfig, ShipGenerator
-from pipeline.store import FeatureStore, attrs_of, child_array, child_group
+from pipeline.store import Extractor, FeatureStore, attrs_of, child_array, child_group
 from pipeline.text_encoder import PromptEncoder
 from pipeline.weights import flatten_optimizer, load_tensors, save_tensors, unflatten_optimizer
 from stages.base import StageSpec
-from stages.common import ModelContext, model_context, require_extractor
+from stages.common import ModelContext, dataset_seeds, model_context, require_extractor
 
 SPEC = StageSpec(
     name="train-generator",
@@ -59,25 +59,26 @@ def generator_description(ctx: ModelContext, data: FewShotSet, dataset: str, sho
             "classnames": list(data.classnames), "ship": config.to_dict(), "train": train.to_dict()}
 
 
+def generator_inputs(store: FeatureStore, ex: Extractor, ctx: ModelContext, spec: DatasetSpec,
+                     seed: int, config: ShipConfig,
+                     train: TrainConfig) -> tuple[FewShotSet, dict[str, Any]]:
+    """The base-class K-shot set a generator trains on, and the description that names it."""
+    data = fewshot_set(store, ex, spec.name, spec.shots, seed, select_labels(store, spec.name, "base"),
+                       ctx.clip.device)
+    return data, generator_description(ctx, data, spec.name, spec.shots, seed, config, train)
+
+
 def run(manifest: Manifest, opts: TrainGeneratorOptions,
         progress: Progress | None = None) -> dict[str, Any]:
     progress = progress or Silent()
     ctx = model_context(manifest, opts.device)
     config, train = ship_config(manifest.ship.variant), train_config(manifest, opts.epochs)
     results = []
-    names = opts.datasets or tuple(d.name for d in manifest.datasets)
     with FeatureStore.open(manifest.store, read_only=False, options=manifest.store_options) as store:
         ex = require_extractor(store, ctx)
-        jobs = []  # every input is checked before anything is trained or written
-        for name in names:
-            spec = manifest.dataset(name)
-            for seed in opts.seeds or spec.seeds:
-                if seed not in spec.seeds:
-                    raise UsageError(f"dataset {name}: seed {seed} is not in its seeds {spec.seeds}")
-                labels = select_labels(store, name, "base")
-                data = fewshot_set(store, ex, name, spec.shots, seed, labels, ctx.clip.device)
-                desc = generator_description(ctx, data, name, spec.shots, seed, config, train)
-                jobs.append((name, seed, data, desc))
+        # Every input is checked before anything is trained or written.
+        jobs = [(spec.name, seed, *generator_inputs(store, ex, ctx, spec, seed, config, train))
+                for spec, seed in dataset_seeds(manifest, opts.datasets, opts.seeds)]
         for name, seed, data, desc in jobs:
             out = _train_one(store, ctx, data, desc, config, train, manifest, opts, progress)
             results.append({"dataset": name, "seed": seed, **out})

@@ -154,3 +154,12 @@ def test_store_commands_on_missing_store(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert result.stderr.strip() == f"error: no shipyard store at {tmp_path / 'none.zarr'} " \
                                     "(run `shipyard extract` first)"
+
+
+def test_seed_outside_the_manifest_exits_2(manifest_path: Path) -> None:
+    invoke("--manifest", str(manifest_path), "extract")
+    for command in (["train-generator"], ["synthesize"], ["train-adapter", "--method", "coop"],
+                    ["build-cache"], ["evaluate"]):
+        result = invoke("--manifest", str(manifest_path), *command, "--seed", "7")
+        assert result.exit_code == 2, (command, result.output)
+        assert "dataset demo: seed 7 is not in its seeds (1, 2)" in result.stderr
