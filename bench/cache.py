@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.tip import (  # noqa: E402
+from shipyard.pipeline.tip import (  # noqa: E402
     CacheIndex,
     cache_logits,
     default_nlist,

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in the repo
 
-from pipeline.manifest import ModelSpec
-from pipeline.models import load_clip
-from pipeline.text_encoder import ClassPrompts, PromptEncoder
+from shipyard.pipeline.manifest import ModelSpec
+from shipyard.pipeline.models import load_clip
+from shipyard.pipeline.text_encoder import ClassPrompts, PromptEncoder
 
 # Realistic names from the 11 base-to-new datasets, one to six words long.
 CLASS_NAMES = [

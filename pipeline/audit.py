@@ -7,16 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.fingerprint import fingerprint
-from pipeline.store import (
-    Extractor,
-    FeatureStore,
-    RowTable,
-    attrs_of,
-    child_array,
-    child_group,
-    read_array,
-)
+from .artifacts import FOLDER_KINDS, keys_of
+from .fingerprint import fingerprint
+from .records import Extractor, text_key
+from .rows import RowTable
+from .store import FeatureStore
+from .zarr_nodes import attrs_of, child_array, child_group, read_array
 
 # Stored features are L2-normalized before the cast to float16; their norms stay within this.
 NORM_TOLERANCE = 1e-2
@@ -50,8 +46,10 @@ def info(store: FeatureStore) -> dict[str, Any]:
             "failures": len(ds.failures),
         })
     root = attrs_of(store.root)
+    artifacts = {k.folder: len(keys_of(store.root, k)) for k in FOLDER_KINDS}
     return {"store": store.location, "format": root.get("shipyard_format"),
-            "created": root.get("created"), "extractors": extractors, "datasets": datasets}
+            "created": root.get("created"), "extractors": extractors, "datasets": datasets,
+            "artifacts": {k: n for k, n in artifacts.items() if n}}
 
 
 @dataclass
@@ -122,11 +120,13 @@ def _check_texts(ex: Extractor, where: str, result: Verification) -> None:
         attrs = attrs_of(sub)
         if not attrs.get("complete"):
             continue  # an interrupted write; invisible to readers and rewritten on demand
-        expected = ex.text_key(attrs["template"], tuple(attrs["classnames"]))
+        params = attrs.get("record", {}).get("params", {})
+        expected = text_key(ex.fp, params.get("template", ""), tuple(params.get("classnames", [])))
         if expected != key:
             result.problems.append(f"{where}/texts/{key[:12]}: key does not match its content")
         feats = read_array(child_array(sub, "features")).astype(np.float32)
-        if feats.shape != (len(attrs["classnames"]), ex.dim) or not np.isfinite(feats).all():
+        if feats.shape != (len(params.get("classnames", [])), ex.dim) or \
+                not np.isfinite(feats).all():
             result.problems.append(f"{where}/texts/{key[:12]}: wrong shape or non-finite values")
         result.count("text_sets")
 

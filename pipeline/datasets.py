@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UsageError
-from pipeline.manifest import DatasetFormat, DatasetSpec
+from .errors import UsageError
+from .manifest import DatasetFormat, DatasetSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

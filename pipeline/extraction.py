@@ -16,18 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import torch
 
-from pipeline.datasets import Failure
-from pipeline.errors import ImageError
-from pipeline.manifest import ExtractionSpec
-from pipeline.models import ClipModel, encode_images
-from pipeline.preprocess import augmented_views, clean_view, decode, recipe
-from pipeline.progress import Progress
-from pipeline.store import RowTable
-
-EXTRACTOR_VERSION = 1  # bump when the meaning of stored features changes
+from .datasets import Failure
+from .errors import ImageError
+from .manifest import ExtractionSpec
+from .models import ClipModel, encode_images
+from .preprocess import augmented_views, clean_view, decode
+from .progress import Progress
+from .store import RowTable
 
 
 @dataclass(frozen=True)
@@ -47,19 +44,6 @@ class EncodeResult:
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     model_seconds: float = 0.0  # time inside the model forward alone
-
-
-def extractor_description(clip: ClipModel, spec: ExtractionSpec) -> dict[str, Any]:
-    """Everything that determines an extractor's features; its sha256 names the group."""
-    return {
-        "kind": "shipyard.extractor",
-        "version": EXTRACTOR_VERSION,
-        "model": clip.identity(),
-        "preprocess": recipe(clip.preprocess, spec.views, spec.augment, spec.seed),
-        "head": "encode_image/l2-normalized",
-        "stored_dtype": "float16",
-        "libraries": {"open_clip": open_clip.__version__, "torch": torch.__version__.split("+")[0]},
-    }
 
 
 def _read_checked(item: WorkItem) -> bytes:

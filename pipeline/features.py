@@ -6,15 +6,14 @@ Training stages read everything they need here and then never touch the store in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.datasets import Split
-from pipeline.errors import StoreError, UsageError
-from pipeline.fingerprint import fingerprint
-from pipeline.store import Extractor, FeatureStore
+from .dataset_plan import relabel, subset_key
+from .errors import StoreError, UsageError
+from .records import Extractor
+from .store import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -55,14 +54,12 @@ def fewshot_set(store: FeatureStore, extractor: Extractor, dataset: str, shots: 
         raise StoreError(f"dataset {dataset}: no {shots}-shot training images of the selected "
                          f"classes in the store (run `shipyard extract`)")
     keys = ds.keys()[rows]  # (M, 32)
-    remap = {label: i for i, label in enumerate(labels)}
-    new_labels = np.array([remap[int(x)] for x in all_labels[rows]], dtype=np.int64)
+    new_labels = relabel(all_labels[rows], labels)
     clean = _gather(extractor.images.index(), keys, extractor, "images", dataset)
     views = (_gather(extractor.view_table.index(), keys, extractor, "views", dataset)
              if extractor.views else np.zeros((len(rows), 0, extractor.dim), np.float16))
     classnames = tuple(ds.classnames[i] for i in labels)
-    key = fingerprint({"keys": [k.tobytes().hex() for k in keys], "labels": new_labels.tolist(),
-                       "classnames": list(classnames)})
+    key = subset_key(keys, new_labels, classnames)
     return FewShotSet(
         classnames=classnames,
         labels=torch.from_numpy(new_labels).to(device),
@@ -89,11 +86,3 @@ def _unit(features: np.ndarray, device: torch.device) -> torch.Tensor:
     if t.numel() == 0:
         return t
     return torch.nn.functional.normalize(t, dim=-1)
-
-
-def split_rows(store: FeatureStore, dataset: str, split: Split) -> np.ndarray:
-    return np.flatnonzero(store.dataset(dataset).splits() == split)
-
-
-def describe(s: FewShotSet) -> dict[str, Any]:
-    return {"images": s.size, "classes": len(s.classnames), "views": int(s.views.shape[1])}

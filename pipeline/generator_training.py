@@ -6,26 +6,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pipeline.features import FewShotSet
-from pipeline.progress import Progress, Silent
-from pipeline.ship import ShipGenerator, ship_loss
-from pipeline.text_encoder import ClassPrompts
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 50  # over the base K-shot set (ImageNet: 10)
-    batch_size: int = 256
-    lr: float = 1e-3  # AdamW, other settings at their defaults
-    seed: int = 0  # batch order, view choice and reparameterisation noise
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from .configs import TrainConfig
+from .features import FewShotSet
+from .progress import Progress, Silent
+from .ship import ShipGenerator, ship_loss
+from .text_encoder import ClassPrompts
 
 
 @dataclass

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.head_config import HeadConfig
-from pipeline.progress import Progress, Silent
+from .configs import HeadConfig
+from .progress import Progress, Silent
 
 
 @dataclass(frozen=True)

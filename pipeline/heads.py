@@ -11,12 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UsageError
-from pipeline.head_config import HeadConfig
-from pipeline.text_encoder import PromptEncoder
-from pipeline.tip import tip_logits
+from .configs import HeadConfig
+from .errors import UsageError
+from .text_encoder import PromptEncoder
+from .tip import tip_logits
 
 LOGIT_SCALE = 100.0
+
+
+def zero_shot_weights(sets: list[torch.Tensor]) -> torch.Tensor:
+    """The zero-shot classifier of a template ensemble: normalize each template's (C, D) class
+    features, average over templates, normalize again."""
+    return F.normalize(torch.stack([F.normalize(s.float(), dim=-1) for s in sets]).mean(0), dim=-1)
 
 
 class ZeroShot(nn.Module):
@@ -124,7 +130,8 @@ def cache_keys(views: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
 
 
 Builder = Callable[..., nn.Module]
-REGISTRY: dict[str, Builder] = {
+# The model of each head method of the registry (`registry.heads()`, presets/heads.json).
+BUILDERS: dict[str, Builder] = {
     "zero-shot": lambda text, **_: ZeroShot(text),
     "linear-probe": lambda text, **_: LinearProbe(text),
     "clip-adapter": lambda text, cfg, **_: ClipAdapter(text, cfg.ratio),
@@ -137,6 +144,6 @@ REGISTRY: dict[str, Builder] = {
 
 
 def build_head(method: str, **inputs: Any) -> nn.Module:
-    if method not in REGISTRY:
-        raise UsageError(f"unknown method {method!r} (known: {', '.join(REGISTRY)})")
-    return REGISTRY[method](**inputs)
+    if method not in BUILDERS:
+        raise UsageError(f"unknown method {method!r} (known: {', '.join(BUILDERS)})")
+    return BUILDERS[method](**inputs)

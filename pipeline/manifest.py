@@ -16,9 +16,16 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ManifestError
+from .errors import ManifestError
+from .locations import is_url
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Device(StrEnum):
+    AUTO = "auto"  # CUDA when available, else the CPU
+    CPU = "cpu"
+    CUDA = "cuda"
 
 
 class DatasetFormat(StrEnum):
@@ -111,9 +118,6 @@ class Protocol(StrEnum):
     PAPER = "paper"  # best epoch chosen on the test set, as the public SHIP / Tip-Adapter code do
 
 
-METHODS = ("zero-shot", "linear-probe", "clip-adapter", "coop", "tip-adapter", "tip-adapter-f")
-
-
 @dataclass(frozen=True)
 class HeadsSpec:
     # Heads to evaluate; a '+ship' suffix adds the SHIP synthesized features of the new classes.
@@ -151,11 +155,6 @@ class Manifest:
             ds["root"] = str(ds["root"])
             ds["split_file"] = None if ds["split_file"] is None else str(ds["split_file"])
         return out
-
-
-def is_url(location: str) -> bool:
-    """True for fsspec URLs such as s3://bucket/x.zarr (a Windows drive letter is not a URL)."""
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) is not None
 
 
 class _Reader:
@@ -283,7 +282,7 @@ def _parse_model(r: _Reader, raw: Any, base: Path) -> ModelSpec:
 
 
 def _parse_heads(r: _Reader, raw: Any) -> HeadsSpec:
-    from pipeline.head_config import HeadConfig
+    from . import registry
 
     allowed = {"methods", "protocol", "tip_scale", "cache_index", "cache_topk", "overrides"}
     h = r.mapping(raw, "heads", allowed)
@@ -291,22 +290,23 @@ def _parse_heads(r: _Reader, raw: Any) -> HeadsSpec:
     methods = h.get("methods", list(d.methods))
     if not isinstance(methods, list) or not methods:
         raise r.fail("heads.methods", f"expected a non-empty list of methods, got {methods!r}")
+    known = registry.head_names()
     for i, m in enumerate(methods):
-        if not isinstance(m, str) or m.removesuffix("+ship") not in METHODS:
-            raise r.fail(f"heads.methods[{i}]", f"unknown method {m!r} (known: {', '.join(METHODS)}, "
-                                                "each optionally with +ship)")
+        if not isinstance(m, str) or m not in known:
+            raise r.fail(f"heads.methods[{i}]", f"unknown method {m!r} (known: {', '.join(known)})")
     index = h.get("cache_index", d.cache_index)
-    if index not in ("flat", "ivf", "hnsw"):
-        raise r.fail("heads.cache_index", f"unknown index {index!r} (expected flat, ivf or hnsw)")
+    if index not in registry.cache_indexes():
+        raise r.fail("heads.cache_index", f"unknown index {index!r} (expected one of "
+                                          f"{', '.join(registry.cache_indexes())})")
     topk = h.get("cache_topk")
     if topk is not None:
         topk = r.integer(topk, "heads.cache_topk", 1)
-    overrides = r.mapping(h.get("overrides") or {}, "heads.overrides", set(METHODS))
-    defaults = HeadConfig()
+    overrides = r.mapping(h.get("overrides") or {}, "heads.overrides", set(registry.heads()))
+    fields = registry.config_fields()
     for method, values in overrides.items():
-        r.mapping(values, f"heads.overrides.{method}", set(HeadConfig.__dataclass_fields__))
+        r.mapping(values, f"heads.overrides.{method}", set(fields))
         for key, value in values.items():
-            want = type(getattr(defaults, key))
+            want = fields[key]
             ok = isinstance(value, want) or (want is float and isinstance(value, int))
             if not ok or isinstance(value, bool):
                 raise r.fail(f"heads.overrides.{method}.{key}",
@@ -372,7 +372,7 @@ def _parse_extraction(r: _Reader, raw: Any) -> ExtractionSpec:
 
 def template_presets() -> dict[str, list[str]]:
     """Named prompt templates (METHODS.md), shipped as data in pipeline/presets/templates.json."""
-    text = resources.files("pipeline").joinpath("presets/templates.json").read_text("utf-8")
+    text = resources.files(__package__).joinpath("presets/templates.json").read_text("utf-8")
     presets: dict[str, list[str]] = json.loads(text)
     return presets
 

@@ -10,24 +10,17 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from enum import StrEnum
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.errors import ModelLoadError, UsageError
-from pipeline.manifest import ModelSpec
+from .errors import ModelLoadError, UsageError
+from .identity import ModelIdentity, Preprocess, shipped_configs
+from .manifest import Device, ModelSpec
 
 log = logging.getLogger(__name__)
-
-
-class Device(StrEnum):
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
 
 
 def resolve_device(device: Device | str) -> torch.device:
@@ -37,21 +30,6 @@ def resolve_device(device: Device | str) -> torch.device:
     if device is Device.AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device.value)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What turns image bytes into the model's input; all of it goes into the fingerprint."""
-
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str  # 'bicubic' (CLIP) or 'bilinear'
-    resize_mode: str  # 'shortest': resize short side then center crop
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "resize_mode": self.resize_mode}
 
 
 @dataclass
@@ -65,16 +43,10 @@ class ClipModel:
     text_width: int  # W: text transformer width
     device: torch.device
 
-    def identity(self) -> dict[str, Any]:
-        """The model's part of an extractor fingerprint."""
-        return {"name": self.spec.name, "weights_sha256": self.weights_digest,
-                "precision": self.spec.precision.value}
-
-
-def shipped_configs() -> dict[str, Path]:
-    """Model configs that ship inside the package, by name."""
-    folder = resources.files("pipeline").joinpath("model_configs")
-    return {Path(f.name).stem: Path(str(f)) for f in folder.iterdir() if f.name.endswith(".json")}
+    def identity(self) -> ModelIdentity:
+        """What names this model in an extractor fingerprint (cached by `IdentityCache`)."""
+        return ModelIdentity(self.spec.name, self.weights_digest, self.spec.precision.value,
+                             self.preprocess, self.embed_dim, self.text_width)
 
 
 def load_clip(spec: ModelSpec, device: torch.device) -> ClipModel:

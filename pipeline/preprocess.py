@@ -10,7 +10,6 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,9 +17,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
-from pipeline.errors import ImageError
-from pipeline.manifest import AugmentSpec
-from pipeline.models import Preprocess
+from .errors import ImageError
+from .identity import Preprocess
+from .manifest import AugmentSpec
 
 # Decompression-bomb guard: refuse images over ~180 megapixels instead of exhausting memory.
 Image.MAX_IMAGE_PIXELS = 180_000_000
@@ -106,12 +105,3 @@ def augmented_views(img: Image.Image, key: bytes, views: int, seed: int, aug: Au
             crop = TF.hflip(crop)
         out.append(_to_input(crop, pre))
     return torch.stack(out)
-
-
-def recipe(pre: Preprocess, views: int, aug: AugmentSpec, seed: int) -> dict[str, Any]:
-    """The preprocessing + augmentation part of an extractor fingerprint."""
-    return {
-        "clean": pre.to_dict(),
-        "views": {"count": views, "scale": list(aug.scale), "ratio": list(aug.ratio),
-                  "flip": aug.flip, "seed": seed, "crop": "random_resized_crop/v1"},
-    }

@@ -13,6 +13,7 @@ Input schema, checked by `validate` (a violation raises UsageError naming the fi
                             real: {features: (N, D) nested list or array, labels: N ints},
                             synthetic: {features: (M, D), labels: M ints}}  labels index classnames
     curves (optional): {name: [float | None per epoch]}
+    key (optional): str          the report artefact's key, kept in a <meta> tag (`report_key`)
 Accuracies are percentages; NaN or None prints as a dash. Optional sections may also be None.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
@@ -30,16 +32,17 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UsageError
+from .errors import UsageError
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
            "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")  # Tableau 10; repeats past 10
 COLUMNS = (("base", "Base"), ("new", "New"), ("h", "H"),
            ("gzsl_seen", "GZSL seen"), ("gzsl_unseen", "GZSL unseen"), ("gzsl_h", "GZSL H"))
 REQUIRED = ("title", "notes", "protocol", "table", "per_class")
-OPTIONAL = ("projection", "curves")
+OPTIONAL = ("projection", "curves", "key")
 ROW_REQUIRED = ("method", "base", "new", "h", "gzsl_seen", "gzsl_unseen", "gzsl_h", "seeds")
 ROW_OPTIONAL = ("base_std", "new_std")
+KEY_META = "shipyard-report-key"
 MAX_POINTS = 200  # drawn per class and kind in the projection; the PCA itself uses every point
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1f2328;
@@ -71,10 +74,22 @@ def render_report(data: Mapping[str, Any]) -> str:
                              _projection(d["projection"])))
     if d.get("curves"):
         body.append(_section("curves", "Training curves", _curves(d["curves"])))
+    key = f'<meta name="{KEY_META}" content="{_esc(d["key"])}">' if d.get("key") else ""
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">' + key +
             f"<title>{_esc(d['title'])}</title><style>{CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
+
+
+def report_key(path: str | os.PathLike[str]) -> str | None:
+    """The key a written report carries, or None (no file, or written without one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return None
+    found = re.search(f'<meta name="{KEY_META}" content="([0-9a-f]+)">', head)
+    return found.group(1) if found else None
 
 
 def write_report(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -144,6 +159,8 @@ def validate(data: Any) -> dict[str, Any]:
             _num(acc, f"per_class[{method!r}][{name!r}]", none_ok=True)
     if d.get("projection") is not None:
         d["projection"] = _check_projection(d["projection"])
+    if d.get("key") is not None:
+        _str(d["key"], "key")
     if d.get("curves") is not None:
         for name, values in _dict(d["curves"], "curves").items():
             _str(name, "curves key")

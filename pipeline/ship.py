@@ -3,32 +3,11 @@ prompt plus a local bias generated from the latent code; math only, no store I/O
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
-
 import torch
 from torch import nn
 
-from pipeline.text_encoder import ClassPrompts, PromptEncoder
-
-
-@dataclass(frozen=True)
-class ShipConfig:
-    latent_dim: int = 512  # L, size of z
-    encoder_hidden: int = 2048  # ImageNet variant: 4096
-    generator_hidden: int = 4096
-    n_ctx: int = 4  # global prompt vectors, each shifted by the same local bias
-    leaky: bool = False  # generator activation LeakyReLU(0.2) instead of ReLU (ImageNet variant)
-    kl_weight: float = 1.0
-    init_std: float = 0.02  # N(0, std) for the global prompt and every Linear weight
-
-    @classmethod
-    def imagenet(cls) -> ShipConfig:
-        """The public code's ImageNet variant: wider encoder, leaky generator."""
-        return cls(encoder_hidden=4096, leaky=True)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from .configs import ShipConfig
+from .text_encoder import ClassPrompts, PromptEncoder
 
 
 class ShipGenerator(nn.Module):

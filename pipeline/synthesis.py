@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline.ship import ShipGenerator
-from pipeline.text_encoder import ClassPrompts
+from .ship import ShipGenerator
+from .text_encoder import ClassPrompts
 
 
 def class_rng(seed: int, classname: str, device: torch.device) -> torch.Generator:

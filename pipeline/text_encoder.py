@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UsageError
-from pipeline.models import ClipModel
+from .errors import UsageError
+from .models import ClipModel
 
 PLACEHOLDER = "X"  # one token per context vector in the tokenized template
 

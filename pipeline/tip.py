@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import UsageError
+from .errors import UsageError
 
 DEFAULT_TOPK = 16  # neighbours of an approximate cache when the caller names none
 GPU_MAX_K = 2048  # the largest k a FAISS GPU index selects (GPU_MAX_SELECTION_K)
@@ -287,7 +287,7 @@ def agreement_report(index_exact: CacheIndex, index_approx: CacheIndex, queries_
 
 def tip_scales() -> dict[str, tuple[float, float]]:
     """Tip-Adapter's per-dataset search scales (S_beta, S_alpha), from presets/tip_scales.json."""
-    text = resources.files("pipeline").joinpath("presets/tip_scales.json").read_text("utf-8")
+    text = resources.files(__package__).joinpath("presets/tip_scales.json").read_text("utf-8")
     return {name: (float(s["s_beta"]), float(s["s_alpha"])) for name, s in json.loads(text).items()}
 
 
@@ -330,3 +330,21 @@ def search_alpha_beta(val_feats: torch.Tensor, val_labels: torch.Tensor, keys: t
     best = int(correct.flatten().argmax())  # first maximum in (beta, alpha) order
     i, j = divmod(best, len(alphas))
     return alphas[j], betas[i], float(correct[i, j]) / len(val_feats)
+
+
+@torch.no_grad()
+def tune_alpha_beta(keys: torch.Tensor, key_labels: torch.Tensor, val_feats: torch.Tensor,
+                    val_labels: torch.Tensor, text: torch.Tensor, classes: list[int],
+                    scale: tuple[float, float]) -> dict[str, float]:
+    """Tip-Adapter's grid search on the val images of `classes` (the classes the cache covers),
+    over those classes' logits only; labels are remapped to positions in `classes`."""
+    cls = torch.tensor(classes, device=val_labels.device)
+    keep = torch.isin(val_labels, cls)
+    if not bool(keep.any()):
+        return {"alpha": 1.0, "beta": 1.0, "val_accuracy": float("nan")}
+    remap = torch.full((text.shape[0],), -1, dtype=torch.long, device=cls.device)
+    remap[cls] = torch.arange(len(cls), device=cls.device)
+    alpha, beta, acc = search_alpha_beta(val_feats[keep], remap[val_labels[keep]], keys,
+                                         remap[key_labels.to(cls.device)], text[cls], scale[0],
+                                         scale[1])
+    return {"alpha": float(alpha), "beta": float(beta), "val_accuracy": float(acc)}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.store import child_array, child_group
+from .zarr_nodes import child_array, child_group
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64",
            torch.uint8: "uint8", torch.int32: "int32", torch.float64: "float64"}

@@ -1,1 +1,1 @@
-"""One module per pipeline stage: each declares a `SPEC` and a `run(manifest, options)`."""
+"""One module per pipeline stage, each declaring a `STAGE` (base.py); the runner plans and runs them."""

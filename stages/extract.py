@@ -1,107 +1,112 @@
-"""`extract`: encode the images and class names a manifest names, only those the store lacks."""
+"""`extract`: encode the images and class names a manifest names, only those the store lacks, and
+store each dataset's records (path -> image key, label, split) as a content-keyed version.
+
+Model code is imported inside the compute functions: planning imports none."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ImageError
-from pipeline.extraction import WorkItem, encode_clean, encode_views, extractor_description
-from pipeline.fingerprint import fingerprint
-from pipeline.manifest import Manifest
-from pipeline.models import encode_texts, load_clip, resolve_device
-from pipeline.progress import Progress, Silent
-from pipeline.store import Extractor, FeatureStore
-from stages.base import StageSpec
-from stages.plan import DatasetPlan, plan_datasets, records_table, select_datasets, view_keys
-
-SPEC = StageSpec(
-    name="extract",
-    version=1,
-    inputs=("manifest.datasets", "manifest.model", "manifest.extraction"),
-    params=("model", "extraction.views", "extraction.augment", "extraction.seed"),
-    outputs=("extractors/<fp>/images", "extractors/<fp>/views", "extractors/<fp>/texts",
-             "datasets/<name>"),
-    summary="encode images (clean + augmented views) and class-name prompts into the store",
-)
+from ..pipeline.artifacts import RECORDS, Ref
+from ..pipeline.dataset_plan import DatasetPlan, PlannedDataset, records_table, view_rows
+from ..pipeline.datasets import Failure
+from ..pipeline.errors import ImageError
+from ..pipeline.records import Extractor
+from ..pipeline.store import FeatureStore
+from .base import Declared, Job, Outcome, Scope, Slot, Stage, Work
 
 
-@dataclass(frozen=True)
-class ExtractOptions:
-    datasets: tuple[str, ...] = ()  # empty: every dataset of the manifest
-    strict: bool = False  # any unusable image is fatal
-    device: str = "auto"
-    cache_dir: Path | None = None  # stat cache folder (default: $SHIPYARD_CACHE_DIR or ~/.cache)
+def declare(slot: Slot) -> Declared:
+    """Keyed by the records it will store; the detail is the hashed dataset itself."""
+    return Declared(params={"templates": list(slot.spec.templates),
+                            "views": slot.manifest.extraction.views},
+                    inputs={"extractor": slot.extractor}, key=slot.facts.records,
+                    detail=slot.dataset)
 
 
-def run(manifest: Manifest, opts: ExtractOptions, progress: Progress | None = None) -> dict[str, Any]:
-    """Bring the store up to date with the manifest's images; returns the summary for --json."""
-    progress = progress or Silent()
+def counts(store: FeatureStore, job: Job) -> dict[str, Any]:
+    """What a dataset's extraction still lacks: features, views, text sets, current records."""
+    d: PlannedDataset = job.detail
+    fp = job.inputs["extractor"]
+    ex = store.extractor(fp) if store.has_extractor(fp) else None
+    have = ex.images.index() if ex else {}
+    absent = {k for r, k in d.plan.hashed()
+              if k not in have and (str(d.plan.data.file(r)), k.hex()) not in d.known_bad}
+    lacking: set[bytes] = set()
+    if int(job.params["views"]) > 0:
+        have_views = set(ex.view_table.index()) if ex and ex.views else set()
+        rows = view_rows(d.spec, d.arrays, d.views_for)
+        lacking = {d.arrays["keys"][r].tobytes() for r in rows} - have_views
+    texts = [t for t in d.spec.templates if ex is None or ex.texts(t, d.facts.classnames) is None]
+    return {"records": len(d.plan.data.records) + len(d.plan.data.rejected),
+            "unusable": len(d.plan.failures), "missing_features": len(absent),
+            "missing_views": len(lacking), "missing_text_sets": len(texts),
+            "records_current": store.dataset_version(job.dataset) == job.key}
+
+
+def missing(store: FeatureStore, job: Job) -> list[str]:
+    """Why a dataset's extraction is incomplete (empty: up to date)."""
+    c = counts(store, job)
+    reasons = []
+    if c["missing_features"]:
+        reasons.append(f"{c['missing_features']} images have no features")
+    if c["missing_views"]:
+        reasons.append(f"{c['missing_views']} training images have no augmented views")
+    if c["missing_text_sets"]:
+        reasons.append(f"{c['missing_text_sets']} templates have no text features")
+    if not c["records_current"]:
+        reasons.append("stored records differ from the split (files added, renamed or relabelled)")
+    return reasons
+
+
+def compute_batch(works: list[Work]) -> dict[str, Any]:
+    """Encode what every stale dataset lacks (shared images once), then store the records."""
+    from ..pipeline.extraction import encode_clean, encode_views
+
+    env, store = works[0].env, works[0].store
+    spec = env.manifest.extraction
+    planned: list[PlannedDataset] = [w.job.detail for w in works]
+    plans = [d.plan for d in planned]
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    specs = select_datasets(manifest, list(opts.datasets))
-    plans = plan_datasets(specs, manifest.extraction.workers, progress, opts.cache_dir)
-    failures = [f for p in plans for f in p.failures]
-    if opts.strict and failures:  # before anything is written
-        raise ImageError(f"{failures[0].path}: {failures[0].reason} (--strict)")
-    timings["hash"] = time.perf_counter() - started
-
     t0 = time.perf_counter()
-    clip = load_clip(manifest.model, resolve_device(opts.device))
-    description = extractor_description(clip, manifest.extraction)
-    fp = fingerprint(description)
+    clip = env.clip
     timings["load_model"] = time.perf_counter() - t0
-
-    spec = manifest.extraction
-    with FeatureStore.open(manifest.store, read_only=False, create=True,
-                           options=manifest.store_options) as store:
-        ex = store.create_extractor(fp, description, clip.embed_dim, spec.views, spec.chunk_rows)
-        have = ex.images.index()
-        work = _missing(plans, have)
-        clean = encode_clean(clip, ex.images, work, spec, progress, opts.strict)
-        failures += clean.failures
-        timings["encode"] = clean.seconds
-        have = ex.images.index()
-
-        tables = [records_table(p, set(have), spec.views_for) for p in plans]
-        views_done, views_failed = 0, 0
-        if spec.views > 0:
-            view_work = _missing_views(plans, tables, ex, spec.views_for)
-            res = encode_views(clip, ex.view_table, view_work, spec, progress, opts.strict)
-            views_done, views_failed = res.encoded, len(res.failures)
-            timings["views"] = res.seconds
-
-        t0 = time.perf_counter()
-        texts = _ensure_texts(clip, ex, plans)
-        timings["texts"] = time.perf_counter() - t0
-        decode_failed = {f.path: f for f in clean.failures}
-        updated = []
-        for plan, (arrays, attrs, version) in zip(plans, tables, strict=True):
-            mine = plan.failures + [decode_failed[str(plan.data.file(r))] for r, _ in plan.hashed()
-                                    if str(plan.data.file(r)) in decode_failed]
-            attrs = {**attrs, "failures": [f.to_dict() for f in mine]}
-            if store.write_dataset(plan.spec.name, version, arrays, attrs):
-                updated.append(plan.spec.name)
-
-    seconds = time.perf_counter() - started
+    ex = store.create_extractor(env.extractor_fp, env.description(), clip.embed_dim, spec.views,
+                                spec.chunk_rows)
+    work = _missing(plans, ex.images.index())
+    clean = encode_clean(clip, ex.images, work, spec, env.progress, env.strict)
+    timings["encode"] = clean.seconds
+    have = set(ex.images.index())
+    tables = [records_table(p, have) for p in plans]
+    views_done, views_failed = 0, 0
+    if spec.views > 0:
+        res = encode_views(clip, ex.view_table, _missing_views(planned, tables, ex), spec,
+                           env.progress, env.strict)
+        views_done, views_failed = res.encoded, len(res.failures)
+        timings["views"] = res.seconds
+    t0 = time.perf_counter()
+    texts = _ensure_texts(clip, ex, works)
+    timings["texts"] = time.perf_counter() - t0
+    decode_failed = {f.path: f for f in clean.failures}
+    updated, failures = [], []
+    for w, plan, (arrays, attrs, version) in zip(works, plans, tables, strict=True):
+        mine = [f.to_dict() for f in plan.failures]
+        mine += [{**decode_failed[str(plan.data.file(r))].to_dict(), "key": k.hex()}
+                 for r, k in plan.hashed() if str(plan.data.file(r)) in decode_failed]
+        failures += mine
+        record = {**w.job.record(), "key": version}
+        if store.write_dataset(plan.spec.name, version, arrays, {**attrs, "failures": mine}, record):
+            updated.append(plan.spec.name)
     distinct = {k for p in plans for _, k in p.hashed()}
     return {
-        "stage": "extract",
-        "extractor": fp,
-        "store": manifest.store,
-        "datasets": [p.spec.name for p in plans],
-        "records_updated": updated,
-        "images": len(distinct),
-        "extracted": clean.encoded,
-        "reused": len(distinct) - len(work),
-        "failed": len(failures),
-        "failures": [f.to_dict() for f in failures],
-        "views_extracted": views_done,
-        "views_failed": views_failed,
-        "texts_extracted": texts,
-        "seconds": round(seconds, 3),
+        "stage": "extract", "extractor": ex.fp, "store": store.location,
+        "datasets": [p.spec.name for p in plans], "records_updated": updated,
+        "images": len(distinct), "extracted": clean.encoded, "reused": len(distinct) - len(work),
+        "failed": len(failures), "failures": failures,
+        "views_extracted": views_done, "views_failed": views_failed, "texts_extracted": texts,
+        "seconds": round(time.perf_counter() - started, 3),
         # Throughput of the encode phase (read, verify, decode, preprocess, forward, write).
         "images_per_second": round(clean.encoded / clean.seconds, 2) if clean.seconds else 0.0,
         "model_seconds": round(clean.model_seconds, 3),
@@ -109,8 +114,15 @@ def run(manifest: Manifest, opts: ExtractOptions, progress: Progress | None = No
     }
 
 
-def _missing(plans: list[DatasetPlan], have: dict[bytes, int]) -> list[WorkItem]:
+def compute(work: Work) -> Outcome:
+    summary = compute_batch([work])
+    return Outcome({}, summary)
+
+
+def _missing(plans: list[DatasetPlan], have: dict[bytes, int]) -> list[Any]:
     """Distinct keys not yet in the table, in manifest order (deterministic across runs)."""
+    from ..pipeline.extraction import WorkItem
+
     work, seen = [], set(have)
     for plan in plans:
         for rec, key in plan.hashed():
@@ -121,14 +133,15 @@ def _missing(plans: list[DatasetPlan], have: dict[bytes, int]) -> list[WorkItem]
     return work
 
 
-def _missing_views(plans: list[DatasetPlan], tables: list[Any], ex: Extractor,
-                   views_for: Any) -> list[WorkItem]:
+def _missing_views(planned: list[PlannedDataset], tables: list[Any], ex: Extractor) -> list[Any]:
+    from ..pipeline.extraction import WorkItem
+
     have = set(ex.view_table.index())
     work = []
-    for plan, (arrays, _attrs, _v) in zip(plans, tables, strict=True):
+    for d, (arrays, _attrs, _v) in zip(planned, tables, strict=True):
         keys = arrays["keys"]
-        hashed = {k: plan.data.file(r) for r, k in plan.hashed()}
-        for row in view_keys(plan, arrays, views_for):
+        hashed = {k: d.plan.data.file(r) for r, k in d.plan.hashed()}
+        for row in view_rows(d.spec, arrays, d.views_for):
             key = keys[row].tobytes()
             if key not in have:
                 have.add(key)
@@ -136,15 +149,30 @@ def _missing_views(plans: list[DatasetPlan], tables: list[Any], ex: Extractor,
     return work
 
 
-def _ensure_texts(clip: Any, ex: Extractor, plans: list[DatasetPlan]) -> int:
+def _ensure_texts(clip: Any, ex: Extractor, works: list[Work]) -> int:
     """Encode `template.format(classname)` for every template and class set the store lacks."""
+    from ..pipeline.models import encode_texts
+
     count = 0
-    for plan in plans:
-        names = plan.data.classnames
-        for template in plan.spec.templates:
+    for w in works:
+        d: PlannedDataset = w.job.detail
+        names = d.facts.classnames
+        for template in d.spec.templates:
             if ex.texts(template, names) is None:
                 features = encode_texts(clip, [template.format(c) for c in names])
                 ex.write_texts(template, names, features)
                 count += 1
     return count
 
+
+def strict_failures(plans: list[DatasetPlan]) -> None:
+    """With --strict, any unusable entry is fatal before anything is written."""
+    failures: list[Failure] = [f for p in plans for f in p.failures]
+    if failures:
+        raise ImageError(f"{failures[0].path}: {failures[0].reason} (--strict)")
+
+
+STAGE = Stage(name="extract", kind=RECORDS, scope=Scope.DATASET, declare=declare, compute=compute,
+              compute_batch=compute_batch, missing=missing,
+              locate=lambda job: Ref.records(job.dataset, job.key),
+              summary="encode images (clean + augmented views) and class-name prompts into the store")

@@ -1,46 +1,242 @@
-"""`run`: every stage of the pipeline in order. Each stage skips work whose output is current."""
+"""The runner: manifest -> plan (every job with its key) -> the stale jobs, run in dependency order.
+
+`run`, every stage command and `status` share this one plan. A job is up to date when its artefact
+is committed under its key (and, for kinds that grow, holds every row asked for); `--force`
+recomputes one stage's jobs. A stage command runs only its own stage's jobs and refuses to start
+when what they read is missing or stale; `run` runs everything that is.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pipeline.manifest import Manifest
-from pipeline.progress import Progress, Silent
-from stages import build_cache, evaluate, extract, synthesize, train_adapter, train_generator
-from stages.base import StageSpec
+from ..pipeline.artifacts import Ref, Slots
+from ..pipeline.dataset_plan import PlannedDataset, plan_dataset, plan_records
+from ..pipeline.errors import ShipyardError, UsageError
+from ..pipeline.records import text_key
+from ..pipeline.store import FeatureStore
+from . import build_cache, evaluate, extract, report, synthesize, train_adapter, train_generator
+from .base import Environment, Job, Slot, Stage, Work
 
 # The pipeline, in execution order. A stage joins by being listed here.
-PIPELINE: tuple[StageSpec, ...] = (extract.SPEC, train_generator.SPEC, synthesize.SPEC,
-                                   train_adapter.SPEC, build_cache.SPEC, evaluate.SPEC)
+STAGES: tuple[Stage, ...] = (extract.STAGE, train_generator.STAGE, synthesize.STAGE,
+                             train_adapter.STAGE, build_cache.STAGE, evaluate.STAGE, report.STAGE)
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 
 
-def run_all(manifest: Manifest, datasets: tuple[str, ...], device: str,
-            progress: Progress | None = None) -> dict[str, Any]:
-    progress = progress or Silent()
-    methods = manifest.heads.methods
-    needs_ship = any(m.endswith("+ship") for m in methods)
-    stages: dict[str, Any] = {}
-    stages["extract"] = extract.run(
-        manifest, extract.ExtractOptions(datasets=datasets, device=device), progress)
-    if needs_ship:
-        stages["train-generator"] = train_generator.run(
-            manifest, train_generator.TrainGeneratorOptions(datasets=datasets, device=device),
-            progress)
-        stages["synthesize"] = synthesize.run(
-            manifest, synthesize.SynthesizeOptions(datasets=datasets, device=device), progress)
-    adapters = []
-    for method in methods:
-        base = method.removesuffix("+ship")
-        synthetic = "auto" if method.endswith("+ship") else "none"
-        if base in train_adapter.TRAINED:
-            opts = train_adapter.TrainAdapterOptions(method=base, synthetic=synthetic,
-                                                     datasets=datasets, device=device)
-            adapters.append({"method": method, **train_adapter.run(manifest, opts, progress)})
-        elif base == "tip-adapter":
-            opts_c = build_cache.BuildCacheOptions(synthetic=synthetic, datasets=datasets,
-                                                   device=device)
-            stages.setdefault("build-cache", []).append(build_cache.run(manifest, opts_c, progress))
-    stages["train-adapter"] = adapters
-    stages["evaluate"] = evaluate.run(
-        manifest, evaluate.EvaluateOptions(datasets=datasets, device=device), progress)
-    return {"stage": "run", "pipeline": [s.name for s in PIPELINE], "stages": stages}
+@dataclass(frozen=True)
+class Request:
+    """What a command asks the plan for."""
+
+    datasets: tuple[str, ...] = ()  # default: every dataset of the manifest
+    seeds: tuple[int, ...] = ()  # default: each dataset's seeds
+    methods: tuple[str, ...] | None = None  # default: the manifest's heads
+    options: dict[str, Any] = field(default_factory=dict)  # a command's choices, for declare()
+
+
+@dataclass
+class Plan:
+    extractor: str
+    jobs: dict[str, Job] = field(default_factory=dict)  # in dependency order
+    requires: dict[str, tuple[Ref, ...]] = field(default_factory=dict)
+    datasets: dict[str, PlannedDataset] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)  # dataset -> why it cannot be planned
+
+    def of(self, stage: str) -> list[Job]:
+        return [j for j in self.jobs.values() if j.stage == stage]
+
+    def closure(self, targets: Iterable[Job]) -> list[Job]:
+        """The targets and everything they read, in dependency order."""
+        wanted: set[str] = set()
+        stack = [t.id for t in targets]
+        while stack:
+            jid = stack.pop()
+            if jid not in wanted:
+                wanted.add(jid)
+                stack.extend(self.jobs[jid].deps)
+        return [j for j in self.jobs.values() if j.id in wanted]
+
+    def raise_broken(self) -> None:
+        for name, error in self.broken.items():
+            raise UsageError(error if name in error else f"dataset {name}: {error}")
+
+
+def build_plan(env: Environment, store: FeatureStore | None, request: Request) -> Plan:
+    """Every job the manifest (and the request) implies, with its key. Reads split files, hashes
+    images (stat-cached) and reads the store; writes nothing and builds no model when the
+    model's identity is cached."""
+    m = env.manifest
+    plan = Plan(env.extractor_fp)
+    ex = store.extractor(plan.extractor) if store and store.has_extractor(plan.extractor) else None
+    have = set(ex.images.index()) if ex else set()
+    methods = request.methods if request.methods is not None else m.heads.methods
+    specs = [m.dataset(n) for n in request.datasets] or list(m.datasets)
+    options = {"report_dir": env.report_dir, **request.options}
+    for spec in specs:
+        seeds = _seeds(spec.name, spec.seeds, request.seeds)
+        try:
+            dp = plan_dataset(spec, m.extraction.workers, env.progress, env.cache_dir)
+            planned = plan_records(dp, have, _known_failures(store, spec.name),
+                                   m.extraction.views_for)
+        except ShipyardError as exc:
+            plan.broken[spec.name] = str(exc)
+            continue
+        plan.datasets[spec.name] = planned
+        texts = [text_key(plan.extractor, t, planned.facts.classnames) for t in spec.templates]
+        base = Slot(m, spec, plan.extractor, texts, planned, seeds=seeds, options=options)
+        _plan_dataset_jobs(plan, base, methods)
+    return plan
+
+
+def _plan_dataset_jobs(plan: Plan, base: Slot, methods: tuple[str, ...]) -> None:
+    extract_job = _add(plan, extract.STAGE, base)
+    assert extract_job is not None
+    heads: dict[str, list[Job | None]] = {m: [] for m in methods}
+    first: dict[str, Job] = {}
+    for seed in base.seeds:
+        s = replace(base, seed=seed, upstream={"extract": extract_job})
+        for stage in (train_generator.STAGE, synthesize.STAGE):
+            job = _add(plan, stage, s)
+            if job is not None:
+                s.upstream[stage.name] = job
+        for method in methods:
+            head = replace(s, method=method, upstream=dict(s.upstream))
+            heads[method].append(_add(plan, train_adapter.STAGE, head)
+                                 or _add(plan, build_cache.STAGE, head))
+        first = first or dict(s.upstream)
+    run = _add(plan, evaluate.STAGE, replace(base, heads=heads, upstream={"extract": extract_job}))
+    assert run is not None
+    upstream = {"evaluate": run, **{k: v for k, v in first.items() if k != "extract"}}
+    _add(plan, report.STAGE, replace(base, heads=heads, upstream=upstream))
+
+
+def _add(plan: Plan, stage: Stage, slot: Slot) -> Job | None:
+    from .base import make_job
+
+    declared = stage.declare(slot)
+    if declared is None:
+        return None
+    job = make_job(stage, slot, declared)
+    plan.jobs[job.id] = job
+    plan.requires[job.id] = declared.requires
+    return job
+
+
+def _seeds(dataset: str, listed: tuple[int, ...], asked: tuple[int, ...]) -> tuple[int, ...]:
+    for seed in asked:
+        if seed not in listed:
+            raise UsageError(f"dataset {dataset}: seed {seed} is not in its seeds {listed}")
+    return asked or listed
+
+
+def _known_failures(store: FeatureStore | None, name: str) -> frozenset[tuple[str, str]]:
+    """Images that failed to decode last time, by path and content: not retried until changed."""
+    if store is None or store.dataset_version(name) is None:
+        return frozenset()
+    try:
+        failures = store.dataset(name).failures
+    except ShipyardError:
+        return frozenset()
+    return frozenset((f["path"], f["key"]) for f in failures if "key" in f)
+
+
+# -- staleness ----------------------------------------------------------------------------------
+
+def staleness(job: Job, store: FeatureStore | None, slots: Slots | None = None) -> list[str]:
+    """Why a job must run (empty: up to date)."""
+    if store is None:
+        return ["the store does not exist yet"]
+    stage = BY_NAME[job.stage]
+    reasons = stage.missing(store, job) if stage.missing else None
+    if reasons is not None:
+        return reasons
+    if store.lookup(stage.ref(job)) is not None:
+        return []
+    return [slots.why(job.id, job.params, job.inputs) if slots else "not built yet"]
+
+
+# -- execution ------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    job: Job
+    status: str  # built | resumed | up to date
+    summary: dict[str, Any]
+    seconds: float
+
+
+def execute(plan: Plan, env: Environment, store: FeatureStore, targets: list[Job],
+            force: str | None = None, with_deps: bool = False) -> list[Result]:
+    """Run the stale jobs among `targets` (and, `with_deps`, among what they read)."""
+    order = plan.closure(targets) if with_deps else targets
+    if not with_deps:
+        _check_ready(plan, store, targets)
+    for job in order:
+        for ref in plan.requires.get(job.id, ()):
+            if store.lookup(ref) is None:
+                raise UsageError(f"{job.id}: no {ref.kind.name} {ref.key[:12]} in the store "
+                                 f"{store.location}")
+    results: dict[str, Result] = {}
+    for job in order:
+        stage = BY_NAME[job.stage]
+        forced = force == stage.name
+        if job.id in results:
+            continue
+        if not forced and not staleness(job, store):
+            results[job.id] = Result(job, "up to date", _stored_summary(store, stage, job), 0.0)
+        elif stage.compute_batch is not None:  # every stale job of the stage in one compute
+            batch = [j for j in order if j.stage == job.stage and j.id not in results
+                     and (forced or staleness(j, store))]
+            started = time.perf_counter()
+            summary = stage.compute_batch([Work(j, env, store) for j in batch])
+            for j in batch:
+                results[j.id] = Result(j, "built", summary, time.perf_counter() - started)
+        else:
+            results[job.id] = _run_job(stage, job, env, store, forced)
+    return list(results.values())
+
+
+def _check_ready(plan: Plan, store: FeatureStore, targets: list[Job]) -> None:
+    ids = {t.id for t in targets}
+    for job in targets:
+        for dep_id in job.deps:
+            if dep_id in ids:
+                continue
+            dep = plan.jobs[dep_id]
+            reasons = staleness(dep, store)
+            if reasons:
+                raise UsageError(f"{job.id} needs {dep.id}, which is not up to date "
+                                 f"({reasons[0]}); run `shipyard {dep.stage}` first")
+
+
+def _run_job(stage: Stage, job: Job, env: Environment, store: FeatureStore,
+             forced: bool) -> Result:
+    started = time.perf_counter()
+    if not stage.stored:
+        outcome = stage.compute(Work(job, env, store))
+        return Result(job, "built", outcome.summary, time.perf_counter() - started)
+    existing = store.lookup(stage.ref(job)) if stage.appendable and not forced else None
+    if existing is not None:  # extend a committed artefact row by row
+        outcome = stage.compute(Work(job, env, store, existing))
+        return Result(job, "extended", outcome.summary, time.perf_counter() - started)
+    draft = store.begin(stage.ref(job), job.record(), resume=not forced)
+    outcome = stage.compute(Work(job, env, store, draft.group, draft.resumed))
+    store.commit(draft, outcome.attrs, device=env.device_name)
+    return Result(job, "resumed" if draft.resumed else "built", outcome.summary,
+                  time.perf_counter() - started)
+
+
+def _stored_summary(store: FeatureStore, stage: Stage, job: Job) -> dict[str, Any]:
+    """What a reused artefact says about itself (its committed attributes, without bulk)."""
+    if not stage.stored or stage.compute_batch is not None:
+        return {}
+    group = store.lookup(stage.ref(job))
+    if group is None:
+        return {}
+    from ..pipeline.zarr_nodes import attrs_of
+
+    attrs = attrs_of(group)
+    return {k: v for k, v in attrs.items() if k not in ("record", "per_seed", "complete")}

@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
-
-from pipeline.manifest import Manifest, ModelSpec, load_manifest
-from pipeline.models import ClipModel, load_clip
-from pipeline.text_encoder import PromptEncoder
+from shipyard.pipeline.manifest import Manifest, ModelSpec, load_manifest
+from shipyard.pipeline.models import ClipModel, load_clip
+from shipyard.pipeline.text_encoder import PromptEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "fashion_demo"

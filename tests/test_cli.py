@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from shipyard.cli import app
 from typer.testing import CliRunner
 
-from cli import app
 from tests.conftest import manifest_dict, write_manifest
 
 runner = CliRunner()

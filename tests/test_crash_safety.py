@@ -13,23 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-
-from pipeline.audit import verify
-from pipeline.manifest import Manifest
-from pipeline.store import FeatureStore
-from stages.extract import ExtractOptions, run
+from shipyard.pipeline.audit import verify
+from shipyard.pipeline.manifest import Manifest
+from shipyard.pipeline.store import FeatureStore
+from shipyard.stages.extract import ExtractOptions, run
 
 # The child slows each forward down so the parent can kill it mid-run.
 CHILD = """
 import sys, time
-import pipeline.extraction as ex
+import shipyard.pipeline.extraction as ex
 real = ex.encode_images
 def slow(clip, batch):
     time.sleep(0.15)
     return real(clip, batch)
 ex.encode_images = slow
-from pipeline.manifest import load_manifest
-from stages.extract import ExtractOptions, run
+from shipyard.pipeline.manifest import load_manifest
+from shipyard.stages.extract import ExtractOptions, run
 run(load_manifest(sys.argv[1]), ExtractOptions(device="cpu"))
 """
 

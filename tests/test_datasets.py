@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from pipeline.datasets import (
+from shipyard.pipeline.datasets import (
     DatasetError,
     Split,
     base_new_split,
@@ -16,7 +15,7 @@ from pipeline.datasets import (
     read_dataset,
     unsafe_path_reason,
 )
-from pipeline.manifest import DatasetFormat, DatasetSpec, ImageFolderSplit
+from shipyard.pipeline.manifest import DatasetFormat, DatasetSpec, ImageFolderSplit
 
 
 def test_base_new_first_half_rounded_up() -> None:

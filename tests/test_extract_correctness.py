@@ -11,12 +11,11 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
-
-from pipeline.errors import ImageError
-from pipeline.manifest import Manifest
-from pipeline.models import shipped_configs
-from pipeline.store import FeatureStore
-from stages.extract import ExtractOptions, run
+from shipyard.pipeline.errors import ImageError
+from shipyard.pipeline.manifest import Manifest
+from shipyard.pipeline.models import shipped_configs
+from shipyard.pipeline.store import FeatureStore
+from shipyard.stages.extract import ExtractOptions, run
 
 
 def test_cached_features_equal_open_clip_directly(make_manifest: Callable[..., Manifest],

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from shipyard.pipeline.manifest import Manifest
+from shipyard.pipeline.store import FeatureStore
+from shipyard.stages.extract import ExtractOptions, run
 
-from pipeline.manifest import Manifest
-from pipeline.store import FeatureStore
-from stages.extract import ExtractOptions, run
 from tests.conftest import DEMO, demo_split
 
 

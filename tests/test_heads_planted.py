@@ -8,20 +8,20 @@ from dataclasses import replace
 
 import pytest
 import torch
+from shipyard.pipeline.features import FewShotSet
+from shipyard.pipeline.generator_training import TrainConfig, train_ship
+from shipyard.pipeline.head_config import DEFAULTS
+from shipyard.pipeline.head_training import HeadData, train_head
+from shipyard.pipeline.heads import build_head, cache_keys
+from shipyard.pipeline.manifest import ModelSpec
+from shipyard.pipeline.metrics import base_new
+from shipyard.pipeline.models import encode_texts, load_clip
+from shipyard.pipeline.ship import ShipConfig, ShipGenerator
+from shipyard.pipeline.synthesis import Synthesizer
+from shipyard.pipeline.text_encoder import PromptEncoder
+from shipyard.stages.build_cache import tune_alpha_beta
+from shipyard.stages.head_inputs import HeadInputs, SplitFeatures
 
-from pipeline.features import FewShotSet
-from pipeline.generator_training import TrainConfig, train_ship
-from pipeline.head_config import DEFAULTS
-from pipeline.head_training import HeadData, train_head
-from pipeline.heads import build_head, cache_keys
-from pipeline.manifest import ModelSpec
-from pipeline.metrics import base_new
-from pipeline.models import encode_texts, load_clip
-from pipeline.ship import ShipConfig, ShipGenerator
-from pipeline.synthesis import Synthesizer
-from pipeline.text_encoder import PromptEncoder
-from stages.build_cache import tune_alpha_beta
-from stages.head_inputs import HeadInputs, SplitFeatures
 from tests.test_ship_learning import NAMES
 
 BIAS_STD = 0.006

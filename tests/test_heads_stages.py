@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shipyard.cli import app
+from shipyard.pipeline.store import FeatureStore
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.store import FeatureStore
 from tests.conftest import manifest_dict, write_manifest
 
 FAST = {"coop": {"epochs": 3}, "tip-adapter-f": {"epochs": 3}, "linear-probe": {"epochs": 3},

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from pipeline.metrics import (
+from shipyard.pipeline.metrics import (
     average_rows,
     base_new,
     gzsl,

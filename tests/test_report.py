@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from pipeline.errors import UsageError
-from pipeline.report import pca_2d, render_report, write_report
+from shipyard.pipeline.errors import UsageError
+from shipyard.pipeline.report import pca_2d, render_report, write_report
 
 NASTY = '<b>&"'
 

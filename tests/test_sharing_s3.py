@@ -8,13 +8,12 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from shipyard.cli import app
+from shipyard.pipeline.errors import StoreReadOnlyError
+from shipyard.pipeline.manifest import Manifest
+from shipyard.pipeline.store import FeatureStore
+from shipyard.stages.extract import ExtractOptions, run
 from typer.testing import CliRunner
-
-from cli import app
-from pipeline.errors import StoreReadOnlyError
-from pipeline.manifest import Manifest
-from pipeline.store import FeatureStore
-from stages.extract import ExtractOptions, run
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")

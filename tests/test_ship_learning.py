@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from pipeline.features import FewShotSet
-from pipeline.generator_training import TrainConfig, train_ship
-from pipeline.manifest import ModelSpec
-from pipeline.models import load_clip
-from pipeline.ship import ShipConfig, ShipGenerator
-from pipeline.synthesis import Synthesizer
-from pipeline.text_encoder import PromptEncoder
+from shipyard.pipeline.features import FewShotSet
+from shipyard.pipeline.generator_training import TrainConfig, train_ship
+from shipyard.pipeline.manifest import ModelSpec
+from shipyard.pipeline.models import load_clip
+from shipyard.pipeline.ship import ShipConfig, ShipGenerator
+from shipyard.pipeline.synthesis import Synthesizer
+from shipyard.pipeline.text_encoder import PromptEncoder
 
 NAMES = ["apple", "bicycle", "castle", "dolphin", "elephant", "forest", "guitar", "harbor",
          "island", "jacket", "kettle", "lantern", "mountain", "notebook", "orchid", "penguin",

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from pipeline.models import ClipModel
-from pipeline.ship import ShipConfig, ShipGenerator, ship_loss
-from pipeline.text_encoder import PromptEncoder
+from shipyard.pipeline.models import ClipModel
+from shipyard.pipeline.ship import ShipConfig, ShipGenerator, ship_loss
+from shipyard.pipeline.text_encoder import PromptEncoder
 
 NAMES = ["cat", "golden retriever puppy", "red-winged blackbird"]
 SMALL = ShipConfig(latent_dim=16, encoder_hidden=32, generator_hidden=64)

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pipeline.errors import StoreError, StoreLockedError, StoreReadOnlyError
-from pipeline.fingerprint import fingerprint
-from pipeline.store import FeatureStore, RowTable
+from shipyard.pipeline.errors import StoreError, StoreLockedError, StoreReadOnlyError
+from shipyard.pipeline.fingerprint import fingerprint
+from shipyard.pipeline.store import FeatureStore, RowTable
 
 
 def _rows(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:

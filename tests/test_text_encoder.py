@@ -7,9 +7,8 @@ import copy
 import open_clip
 import pytest
 import torch
-
-from pipeline.models import ClipModel
-from pipeline.text_encoder import PromptEncoder
+from shipyard.pipeline.models import ClipModel
+from shipyard.pipeline.text_encoder import PromptEncoder
 
 NAMES = ["cat", "golden retriever puppy",
          "greater spotted woodpecker perched on a snowy birch branch in the northern boreal forest"]

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from pipeline.errors import UsageError
-from pipeline.tip import (
+from shipyard.pipeline.errors import UsageError
+from shipyard.pipeline.tip import (
     CacheIndex,
     agreement_report,
     cache_logits,

@@ -16,17 +16,16 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
-from pipeline.errors import ExtractorMismatchError, StoreError
-from pipeline.manifest import Manifest
-from pipeline.store import FeatureStore
-from pipeline.weights import load_tensors
-from stages.extract import ExtractOptions
-from stages.extract import run as extract
-from stages.synthesize import SynthesizeOptions, read_synthetic
-from stages.synthesize import run as synthesize
-from stages.train_generator import TrainGeneratorOptions
-from stages.train_generator import run as train
+from shipyard.pipeline.errors import ExtractorMismatchError, StoreError
+from shipyard.pipeline.manifest import Manifest
+from shipyard.pipeline.store import FeatureStore
+from shipyard.pipeline.weights import load_tensors
+from shipyard.stages.extract import ExtractOptions
+from shipyard.stages.extract import run as extract
+from shipyard.stages.synthesize import SynthesizeOptions, read_synthetic
+from shipyard.stages.synthesize import run as synthesize
+from shipyard.stages.train_generator import TrainGeneratorOptions
+from shipyard.stages.train_generator import run as train
 
 EPOCHS = 6
 
@@ -66,13 +65,13 @@ def test_trains_then_skips_when_up_to_date(make_manifest: Callable[..., Manifest
 
 CHILD = """
 import sys, time
-import stages.train_generator as tg
+import shipyard.stages.train_generator as tg
 real = tg.save_checkpoint
 def slow(group, state):
     real(group, state)
     time.sleep(0.3)
 tg.save_checkpoint = slow
-from pipeline.manifest import load_manifest
+from shipyard.pipeline.manifest import load_manifest
 tg.run(load_manifest(sys.argv[1]), tg.TrainGeneratorOptions(seeds=(1,), device="cpu"))
 """
 

@@ -1,0 +1,125 @@
+"""How each command's summary reads for people: plain text renderings of the JSON summaries
+(`--json` prints the summary itself). Pure functions; `cli.py` prints what they return."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Summary = dict[str, Any]
+
+
+def extract_text(s: Summary) -> str:
+    lines = [
+        f"extract: {s['images']} images: {s['extracted']} extracted, {s['reused']} reused, "
+        f"{s['failed']} failed ({s['seconds']:.1f} s, {s['images_per_second']:.1f} images/s)",
+        f"  views: {s['views_extracted']} images augmented; text sets: {s['texts_extracted']} new",
+        f"  extractor {s['extractor'][:12]} in {s['store']}",
+    ]
+    lines += [f"  failed: {f['path']}: {f['reason']}" for f in s["failures"][:50]]
+    if len(s["failures"]) > 50:
+        lines.append(f"  ... and {len(s['failures']) - 50} more (--json lists all)")
+    return "\n".join(lines)
+
+
+def generator_text(s: Summary) -> str:
+    lines = [f"train-generator on {s['device']}:"]
+    for r in s["generators"]:
+        final = ", ".join(f"{k} {v:.4f}" for k, v in r["final"].items())
+        lines.append(f"  {r['dataset']} seed {r['seed']}: {r['status']}, {r['epochs_run']} epochs "
+                     f"in {r['seconds']:.1f} s ({final}); generator {r['generator'][:12]}")
+    return "\n".join(lines)
+
+
+def synthesize_text(s: Summary) -> str:
+    lines = [f"synthesize: {s['per_class']} features per class"]
+    for r in s["sets"]:
+        lines.append(f"  {r['dataset']} seed {r['seed']}: {r['classes']} classes, "
+                     f"{r['synthesized']} sampled, {r['reused']} reused; "
+                     f"synthetic {r['synthetic'][:12]}")
+    return "\n".join(lines)
+
+
+def adapter_text(s: Summary) -> str:
+    lines = [f"train-adapter {', '.join(s['methods'])}:"]
+    for r in s["adapters"]:
+        syn = f", synthetic {r['synthetic'][:12]}" if r["synthetic"] else ""
+        lines.append(f"  {r['dataset']} seed {r['seed']} {r['method']}: {r['status']}{syn} "
+                     f"({r['seconds']:.1f} s); adapter {r['adapter'][:12]}")
+    return "\n".join(lines)
+
+
+def cache_text(s: Summary) -> str:
+    lines = [f"build-cache ({s['index']}):"]
+    for r in s["caches"]:
+        agree = r.get("agreement")
+        extra = f", top-1 agreement with exact {agree['top1_agreement']:.3f}" if agree else ""
+        lines.append(f"  {r['dataset']} seed {r['seed']} {r['method']}: {r['status']}, "
+                     f"{r['keys']} keys, alpha {r['alpha']:.2f}, beta {r['beta']:.2f}{extra}; "
+                     f"cache {r['cache'][:12]}")
+    return "\n".join(lines)
+
+
+def evaluate_text(s: Summary) -> str:
+    lines = [f"evaluate (protocol {s['protocol']}):", *(f"  note: {n}" for n in s["notes"])]
+    for d in s["datasets"]:
+        lines.append(f"  {d['name']}: report {d['report']}")
+        lines.append(f"    {'method':22}{'base':>8}{'new':>8}{'H':>8}   "
+                     f"{'seen':>8}{'unseen':>8}{'H':>8}")
+        for r in d["table"]:
+            lines.append(f"    {r['method']:22}{r['base']:8.2f}{r['new']:8.2f}{r['h']:8.2f}   "
+                         f"{r['gzsl_seen']:8.2f}{r['gzsl_unseen']:8.2f}{r['gzsl_h']:8.2f}")
+    return "\n".join(lines)
+
+
+def status_text(s: Summary) -> str:
+    head = f"store {s['store']}, extractor {(s['extractor'] or '?')[:12]}: "
+    lines = [head + ("up to date" if s["up_to_date"] else "stale")]
+    if "reason" in s:
+        lines.append("  " + s["reason"])
+    for d in s["datasets"]:
+        state = "up to date" if not d["stale"] else f"{len(d['stale'])} jobs stale"
+        lines.append(f"  {d['name']}: {d['records']} records, {d['unusable']} unusable: {state}")
+        lines += [f"    {line}" for line in d["stale"]]
+    lines += [f"  {b['name']}: cannot be planned: {b['error']}" for b in s["broken"]]
+    return "\n".join(lines)
+
+
+def plan_text(s: Summary) -> str:
+    stale = [j for j in s["jobs"] if j["state"] == "stale"]
+    lines = [f"run --dry-run: {len(s['jobs'])} jobs, {len(stale)} would run"]
+    for j in s["jobs"]:
+        why = f" ({'; '.join(j['reasons'])})" if j["reasons"] else ""
+        lines.append(f"  {'run ' if j['reasons'] else 'keep'} {j['id']:40} {j['key'][:12]}{why}")
+    lines += [f"  {b['name']}: cannot be planned: {b['error']}" for b in s["broken"]]
+    return "\n".join(lines)
+
+
+def info_text(s: Summary) -> str:
+    lines = [f"store {s['store']} (format {s['format']}, created {s['created']})"]
+    for e in s["extractors"]:
+        lines.append(f"  extractor {e['fp'][:12]}: {e['model']} (weights {e['weights_sha256'][:12]}), "
+                     f"D={e['dim']}, {e['images']} images, {e['view_rows']} x {e['views']} views, "
+                     f"{e['text_sets']} text sets")
+    for d in s["datasets"]:
+        splits = ", ".join(f"{k} {v}" for k, v in d["splits"].items())
+        lines.append(f"  dataset {d['name']}: {d['records']} records ({splits}), {d['classes']} "
+                     f"classes, {d['failures']} failures")
+    for kind, count in s.get("artifacts", {}).items():
+        lines.append(f"  {kind}: {count}")
+    return "\n".join(lines)
+
+
+def verify_text(s: Summary) -> str:
+    counts = ", ".join(f"{n} {k}" for k, n in s["checked"].items()) or "nothing"
+    head = f"verify {s['store']}: {'ok' if s['ok'] else 'FAILED'} (checked {counts})"
+    return "\n".join([head, *(f"  problem: {p}" for p in s["problems"])])
+
+
+STAGE_TEXT: dict[str, Callable[[Any], str]] = {
+    "extract": extract_text, "train-generator": generator_text, "synthesize": synthesize_text,
+    "train-adapter": adapter_text, "build-cache": cache_text, "evaluate": evaluate_text}
+
+
+def run_text(s: Summary) -> str:
+    return "\n".join(f"[{name}]\n" + STAGE_TEXT[name](out) for name, out in s["stages"].items())

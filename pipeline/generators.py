@@ -1,0 +1,69 @@
+"""Stored SHIP generators: resumable checkpoints inside an uncommitted generator artefact, the final
+weights, and loading a committed generator back onto a CLIP model. No pickles: weights, AdamW
+state and RNG state are arrays, the rest JSON attributes."""
+
+from __future__ import annotations
+
+import torch
+import zarr
+
+from .artifacts import GENERATOR, Ref, record_of
+from .configs import ShipConfig
+from .errors import UsageError
+from .generator_training import Checkpoint
+from .models import ClipModel
+from .ship import ShipGenerator
+from .store import FeatureStore
+from .text_encoder import PromptEncoder
+from .weights import flatten_optimizer, load_tensors, save_tensors, unflatten_optimizer
+from .zarr_nodes import attrs_of, child_array, child_group, read_array
+
+
+def save_checkpoint(group: zarr.Group, state: Checkpoint) -> None:
+    """Write checkpoint_<epoch>, point `checkpoint` at it (the commit), drop older ones."""
+    name = f"checkpoint_{state.epoch:05d}"
+    sub = group.create_group(name, overwrite=True)
+    save_tensors(sub, "model", state.model)
+    tensors, meta = flatten_optimizer(state.optimizer)
+    save_tensors(sub, "optimizer", tensors)
+    sub.create_array("rng", data=state.rng.numpy(), chunks=state.rng.shape)
+    sub.update_attributes({"epoch": state.epoch, "log": state.log, "optimizer": meta})
+    group.attrs["checkpoint"] = name
+    drop_checkpoints(group, keep=name)
+
+
+def load_checkpoint(group: zarr.Group, device: torch.device) -> Checkpoint | None:
+    """The checkpoint an interrupted training left, or None (none written, or half-written)."""
+    name = attrs_of(group).get("checkpoint")
+    if not name or name not in group:
+        return None
+    sub = child_group(group, str(name))
+    attrs = attrs_of(sub)
+    if "epoch" not in attrs:  # killed while writing it: the previous one was already dropped
+        return None
+    optimizer = unflatten_optimizer(load_tensors(sub, "optimizer", device), attrs["optimizer"])
+    rng = torch.from_numpy(read_array(child_array(sub, "rng")).copy())
+    return Checkpoint(int(attrs["epoch"]), load_tensors(sub, "model", device), optimizer, rng,
+                      list(attrs["log"]))
+
+
+def drop_checkpoints(group: zarr.Group, keep: str | None) -> None:
+    for name in list(group.group_keys()):
+        if name.startswith("checkpoint_") and name != keep:
+            del group[name]
+
+
+def load_generator(store: FeatureStore, key: str, clip: ClipModel, extractor: str) -> ShipGenerator:
+    """A trained generator from the store, on the model's device, in eval mode."""
+    group = store.lookup(Ref.of(GENERATOR, key))
+    if group is None:
+        raise UsageError(f"{store.location} has no trained generator {key[:12]} "
+                         "(run `shipyard train-generator`)")
+    record = record_of(group)
+    if record["inputs"]["extractor"] != extractor:
+        raise UsageError(f"generator {key[:12]} was trained on extractor "
+                         f"{record['inputs']['extractor'][:12]}, not on this manifest's "
+                         f"{extractor[:12]}")
+    model = ShipGenerator(PromptEncoder.from_clip(clip), ShipConfig(**record["params"]["ship"]))
+    model.load_state_dict(load_tensors(group, "weights", clip.device))
+    return model.eval()

@@ -1,0 +1,133 @@
+"""Stored synthetic sets, heads and Tip-Adapter caches, read back and checked against the features
+and classes they are used with: a head made from another extractor's features, or for other
+classes, is refused with one line instead of scoring garbage."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from torch import nn
+
+from .artifacts import ADAPTER, CACHE, SYNTHETIC, Kind, Ref, record_of
+from .configs import HeadConfig
+from .errors import UsageError
+from .head_inputs import HeadInputs
+from .heads import TipAdapter, build_head, cache_keys
+from .models import ClipModel
+from .records import class_key
+from .rows import RowTable
+from .store import FeatureStore
+from .text_encoder import PromptEncoder
+from .tip import CacheIndex, cache_logits
+from .weights import load_tensors
+from .zarr_nodes import attrs_of, child_array, child_group, read_array
+
+
+def read_synthetic(store: FeatureStore, key: str, classnames: list[str]) -> dict[str, np.ndarray]:
+    """classname -> (per_class, D) float16 features, for classes present in `synthetic/<key>`."""
+    group = store.lookup(Ref.of(SYNTHETIC, key))
+    if group is None:
+        raise UsageError(f"{store.location} has no synthetic set {key[:12]} "
+                         "(run `shipyard synthesize`)")
+    table = RowTable(child_group(group, "classes"), read_only=True)
+    index = table.index()
+    present = [c for c in classnames if class_key(c) in index]
+    feats = table.read("features", np.array([index[class_key(c)] for c in present], np.int64))
+    return dict(zip(present, feats, strict=True))
+
+
+def synthetic_features(store: FeatureStore, key: str, inputs: HeadInputs,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthesized features of the dataset's new classes: (S, D) and their labels (S,)."""
+    names = [inputs.classnames[i] for i in inputs.new]
+    found = read_synthetic(store, key, names)
+    absent = [n for n in names if n not in found]
+    if absent:
+        raise UsageError(f"synthetic set {key[:12]} lacks {len(absent)} new classes of "
+                         f"{inputs.dataset} (e.g. {absent[0]!r}); run `shipyard synthesize`")
+    feats = np.concatenate([found[n] for n in names]).astype(np.float32)
+    labels = np.concatenate([np.full(len(found[n]), i)
+                             for n, i in zip(names, inputs.new, strict=True)])
+    return (F.normalize(torch.from_numpy(feats), dim=-1).to(device),
+            torch.from_numpy(labels.astype(np.int64)).to(device))
+
+
+def stored_head(store: FeatureStore, kind: Kind, key: str, extractor: str,
+                inputs: HeadInputs) -> zarr.Group:
+    """A committed head or cache, refused unless it was made from this extractor's features for
+    exactly this dataset's classes."""
+    what = {ADAPTER.name: ("adapter", "train-adapter"), CACHE.name: ("cache", "build-cache")}
+    noun, command = what[kind.name]
+    group = store.lookup(Ref.of(kind, key))
+    if group is None:
+        raise UsageError(f"{store.location} has no {noun} {key[:12]} (run `shipyard {command}`)")
+    made_from = record_of(group)["inputs"]["extractor"]
+    if made_from != extractor:
+        raise UsageError(f"{noun} {key[:12]} was made from features of extractor {made_from[:12]}, "
+                         f"not this manifest's {extractor[:12]}")
+    if attrs_of(group).get("classnames") != list(inputs.classnames):
+        raise UsageError(f"{noun} {key[:12]} was made for other classes than dataset "
+                         f"{inputs.dataset}'s")
+    return group
+
+
+def make_head(clip: ClipModel, inputs: HeadInputs, method: str, cfg: HeadConfig,
+              syn: tuple[torch.Tensor, torch.Tensor] | None) -> nn.Module:
+    """The untrained model of a head method (its Tip-Adapter cache includes `syn` when given)."""
+    keys = cache_keys(inputs.train.views, inputs.train.clean)
+    key_labels = inputs.train.labels
+    if syn is not None and method.startswith("tip-adapter"):  # synthesized features join the cache
+        keys, key_labels = torch.cat([keys, syn[0]]), torch.cat([key_labels, syn[1]])
+    encoder = PromptEncoder.from_clip(clip) if method == "coop" else None
+    return build_head(method, text=inputs.text, cfg=cfg, keys=keys, key_labels=key_labels,
+                      encoder=encoder, classnames=inputs.classnames)
+
+
+def load_adapter(store: FeatureStore, key: str, clip: ClipModel, extractor: str,
+                 inputs: HeadInputs) -> nn.Module:
+    """A trained head, checked against this extractor and these classes, in eval mode."""
+    group = stored_head(store, ADAPTER, key, extractor, inputs)
+    record, attrs = record_of(group), attrs_of(group)
+    params = record["params"]
+    cfg = replace(HeadConfig(), **params["config"])
+    synthetic = record["inputs"].get("synthetic")
+    syn = None
+    if synthetic and params["head"].startswith("tip-adapter"):
+        syn = synthetic_features(store, synthetic, inputs, clip.device)
+    head = make_head(clip, inputs, params["head"], cfg, syn).to(clip.device)
+    head.load_state_dict(load_tensors(group, "weights", clip.device))
+    if isinstance(head, TipAdapter) and "alpha" in attrs:
+        head.alpha, head.beta = float(attrs["alpha"]), float(attrs["beta"])
+    return head.eval()
+
+
+class CachedTip(nn.Module):
+    """Training-free Tip-Adapter answering through a stored FAISS cache."""
+
+    def __init__(self, index: CacheIndex, labels: np.ndarray, text: torch.Tensor, alpha: float,
+                 beta: float, topk: int | None) -> None:
+        super().__init__()
+        self.index, self.labels, self.text = index, labels, text
+        self.alpha, self.beta, self.topk = alpha, beta, topk
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        out = cache_logits(self.index, f.cpu().numpy(), self.labels, self.text.cpu().numpy(),
+                           self.alpha, self.beta, topk=self.topk)
+        return torch.as_tensor(out).to(f.device)
+
+
+def load_cache(store: FeatureStore, key: str, extractor: str, inputs: HeadInputs) -> CachedTip:
+    group = stored_head(store, CACHE, key, extractor, inputs)
+    attrs = attrs_of(group)
+    index = CacheIndex.from_bytes(read_array(child_array(group, "index")))
+    return CachedTip(index, read_array(child_array(group, "labels")), inputs.text,
+                     float(attrs["alpha"]), float(attrs["beta"]), record_of(group)["params"]["topk"])
+
+
+def head_log(group: zarr.Group | None) -> list[dict[str, Any]]:
+    return list(attrs_of(group).get("log") or []) if group is not None else []

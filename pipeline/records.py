@@ -1,0 +1,149 @@
+"""What an extractor group and a dataset's record versions hold, read (and text sets written)
+through the artefact mechanism."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .artifacts import TEXT_SET, Ref, artifact_key, begin, commit, lookup
+from .errors import ExtractorMismatchError, StoreError
+from .rows import RowTable
+from .zarr_nodes import attrs_of, child_array, child_group, read_array
+
+
+def class_key(name: str) -> bytes:
+    """Row key of a class in a synthetic set: sha256 of its name."""
+    return hashlib.sha256(name.encode("utf-8")).digest()
+
+
+def text_key(extractor: str, template: str, classnames: tuple[str, ...]) -> str:
+    """Key of the text features of `template.format(c)` for every class name, by one extractor."""
+    return artifact_key(TEXT_SET, {"template": template, "classnames": list(classnames)},
+                        {"extractor": extractor})
+
+
+@dataclass(frozen=True)
+class TextFeatures:
+    template: str
+    classnames: tuple[str, ...]
+    features: np.ndarray  # (C, D) float16, L2-normalized per template
+    key: str
+
+
+class Extractor:
+    """One extractor group: every feature computed with one model + preprocessing recipe."""
+
+    def __init__(self, root: zarr.Group, group: zarr.Group, read_only: bool) -> None:
+        self.root = root
+        self.group = group
+        self.read_only = read_only
+
+    @property
+    def fp(self) -> str:
+        return str(attrs_of(self.group)["fp"])
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return dict(attrs_of(self.group)["fingerprint"])
+
+    @property
+    def dim(self) -> int:
+        return int(attrs_of(self.group)["dim"])
+
+    @property
+    def views(self) -> int:
+        return int(attrs_of(self.group)["views"])
+
+    @cached_property
+    def images(self) -> RowTable:
+        return RowTable(child_group(self.group, "images"), self.read_only)
+
+    @cached_property
+    def view_table(self) -> RowTable:
+        if self.views == 0:
+            raise ExtractorMismatchError(f"extractor {self.fp[:12]} was built without "
+                                         "augmented views (extraction.views: 0)")
+        return RowTable(child_group(self.group, "views"), self.read_only)
+
+    def texts(self, template: str, classnames: tuple[str, ...]) -> TextFeatures | None:
+        key = text_key(self.fp, template, classnames)
+        group = lookup(self.root, Ref.text_set(self.fp, key))
+        if group is None:
+            return None
+        return TextFeatures(template, classnames, read_array(child_array(group, "features")), key)
+
+    def text_groups(self) -> list[str]:
+        return sorted(child_group(self.group, "texts").group_keys())
+
+    def write_texts(self, template: str, classnames: tuple[str, ...], features: np.ndarray) -> str:
+        key = text_key(self.fp, template, classnames)
+        record = {"job": None, "kind": TEXT_SET.name, "key": key,
+                  "params": {"template": template, "classnames": list(classnames)},
+                  "inputs": {"extractor": self.fp}}
+        draft = begin(self.root, Ref.text_set(self.fp, key), record, self.read_only)
+        draft.group.create_array("features", data=features.astype(np.float16),
+                                 chunks=(max(1, len(features)), features.shape[1]))
+        commit(self.root, draft, {})
+        return key
+
+
+class StoredDataset:
+    """One version of a dataset's records: path -> image key, label, split; few-shot subsets."""
+
+    def __init__(self, group: zarr.Group, version: str) -> None:
+        self.group = group
+        self.version = version
+        self.attrs = attrs_of(group)
+
+    def __len__(self) -> int:
+        return int(self.array("labels").shape[0])
+
+    def array(self, name: str) -> np.ndarray:
+        return read_array(child_array(self.group, name))
+
+    @property
+    def classnames(self) -> tuple[str, ...]:
+        return tuple(self.attrs["classnames"])
+
+    @property
+    def base_labels(self) -> list[int]:
+        return list(self.attrs["base_labels"])
+
+    @property
+    def new_labels(self) -> list[int]:
+        return list(self.attrs["new_labels"])
+
+    @property
+    def failures(self) -> list[dict[str, str]]:
+        return list(self.attrs.get("failures", []))
+
+    def keys(self) -> np.ndarray:
+        return self.array("keys")  # (R, 32) uint8
+
+    def labels(self) -> np.ndarray:
+        return self.array("labels")
+
+    def splits(self) -> np.ndarray:
+        return self.array("splits")
+
+    def paths(self) -> list[str]:
+        blob, offsets = self.array("paths").tobytes(), self.array("path_offsets")
+        return [blob[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+
+    def fewshot(self, shots: int, seed: int) -> np.ndarray:
+        name = fewshot_name(shots, seed)
+        if name not in self.group:
+            raise StoreError(f"dataset {self.attrs['name']}: no {shots}-shot subset for seed {seed} "
+                             f"(stored: shots {self.attrs['shots']}, seeds {self.attrs['seeds']}; "
+                             "run `shipyard extract`)")
+        return self.array(name)
+
+
+def fewshot_name(shots: int, seed: int) -> str:
+    return f"fewshot_k{shots}_seed{seed}"

@@ -1,0 +1,94 @@
+"""The commands' bodies: open the store, plan, run the jobs the command asks for, summarise.
+Each returns the JSON-able summary the CLI prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..pipeline.artifacts import Slots
+from ..pipeline.errors import StoreError
+from ..pipeline.manifest import Manifest
+from ..pipeline.progress import Progress
+from ..pipeline.store import FeatureStore
+from . import extract
+from .base import Environment, Job
+from .runner import STAGES, Request, build_plan, execute, staleness
+from .summaries import Summary, summarize
+
+
+def stage_command(manifest: Manifest, stage: str, request: Request, *, device: str = "auto",
+                  progress: Progress | None = None, force: bool = False, strict: bool = False,
+                  cache_dir: Path | None = None, report_dir: Path | None = None) -> Summary:
+    """One stage's jobs (evaluate: with its report); what they read must be up to date."""
+    env = Environment(manifest, device, progress, cache_dir, report_dir, strict)
+    with FeatureStore.open(manifest.store, read_only=False, create=stage == "extract",
+                           options=manifest.store_options) as store:
+        plan = build_plan(env, store, request)
+        plan.raise_broken()
+        names = (stage, "report") if stage == "evaluate" else (stage,)
+        targets = [j for name in names for j in plan.of(name)]
+        if stage == "extract" and strict:
+            extract.strict_failures([plan.datasets[j.dataset].plan for j in targets])
+        results = execute(plan, env, store, targets, force=stage if force else None)
+    return summarize(results, plan, env)[stage]
+
+
+def run_all(manifest: Manifest, request: Request, *, device: str = "auto",
+            progress: Progress | None = None, force: str | None = None,
+            cache_dir: Path | None = None, report_dir: Path | None = None) -> Summary:
+    """Every stale job of the manifest, in dependency order; `force` recomputes one stage's."""
+    env = Environment(manifest, device, progress, cache_dir, report_dir)
+    with FeatureStore.open(manifest.store, read_only=False, create=True,
+                           options=manifest.store_options) as store:
+        plan = build_plan(env, store, request)
+        plan.raise_broken()
+        extracts = [j for j in plan.closure(plan.of("report")) if j.stage == "extract"]
+        results = execute(plan, env, store, extracts)
+        # Re-plan: images that failed to decode are left out of the records just written.
+        plan = build_plan(env, store, request)
+        rest = execute(plan, env, store, plan.of("report"), force=force, with_deps=True)
+        results += [r for r in rest if r.job.stage != "extract"]
+    return {"stage": "run", "pipeline": [s.name for s in STAGES],
+            "stages": summarize(results, plan, env)}
+
+
+def dry_run(manifest: Manifest, request: Request, *, device: str = "auto",
+            progress: Progress | None = None, cache_dir: Path | None = None,
+            report_dir: Path | None = None) -> Summary:
+    """The plan `run` would follow: every job, its key, and why it would run."""
+    env = Environment(manifest, device, progress, cache_dir, report_dir)
+    with open_existing(manifest) as store:
+        plan = build_plan(env, store, request)
+        slots = Slots.scan(store.root) if store else None
+        jobs = [job_state(j, store, slots) for j in plan.closure(plan.of("report"))]
+    return {"stage": "run", "dry_run": True, "extractor": plan.extractor, "jobs": jobs,
+            "broken": [{"name": n, "error": e} for n, e in plan.broken.items()]}
+
+
+def job_state(job: Job, store: FeatureStore | None, slots: Slots | None) -> dict[str, Any]:
+    reasons = staleness(job, store, slots)
+    return {"id": job.id, "stage": job.stage, "key": job.key,
+            "state": "stale" if reasons else "up to date", "reasons": reasons,
+            "deps": list(job.deps)}
+
+
+class open_existing:
+    """The store read-only, or None when there is none yet."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.store: FeatureStore | None = None
+
+    def __enter__(self) -> FeatureStore | None:
+        try:
+            self.store = FeatureStore.open(self.manifest.store, read_only=True,
+                                           options=self.manifest.store_options)
+        except StoreError as exc:
+            if not str(exc).startswith("no shipyard store"):
+                raise
+        return self.store
+
+    def __exit__(self, *exc: object) -> None:
+        if self.store is not None:
+            self.store.close()
