@@ -22,11 +22,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from shipyard.pipeline.configs import ShipConfig, TrainConfig  # noqa: E402
 from shipyard.pipeline.features import FewShotSet, fewshot_set, select_labels  # noqa: E402
-from shipyard.pipeline.generator_training import TrainConfig, make_optimizer, train_ship  # noqa: E402
+from shipyard.pipeline.generator_training import make_optimizer, train_ship  # noqa: E402
 from shipyard.pipeline.manifest import AugmentSpec, load_manifest  # noqa: E402
 from shipyard.pipeline.preprocess import augmented_views, decode  # noqa: E402
-from shipyard.pipeline.ship import ShipConfig, ShipGenerator, ship_loss  # noqa: E402
+from shipyard.pipeline.ship import ShipGenerator, ship_loss  # noqa: E402
 from shipyard.pipeline.store import FeatureStore  # noqa: E402
 from shipyard.pipeline.text_encoder import PromptEncoder  # noqa: E402
 from shipyard.stages.common import model_context, require_extractor  # noqa: E402

@@ -193,18 +193,28 @@ class PlannedDataset:
     arrays: dict[str, np.ndarray]
     attrs: dict[str, Any]
     facts: DatasetFacts
-    known_bad: frozenset[tuple[str, str]]  # (path, key hex) that failed to decode before
+    known_failures: tuple[dict[str, str], ...]  # stored decode failures whose file is unchanged
     views_for: ViewsFor
 
     @property
     def spec(self) -> DatasetSpec:
         return self.plan.spec
 
+    @property
+    def known_bad(self) -> set[tuple[str, str]]:
+        """(path, key hex) of images that failed to decode with these very bytes."""
+        return {(f["path"], f["key"]) for f in self.known_failures}
 
-def plan_records(plan: DatasetPlan, have: set[bytes], known_bad: frozenset[tuple[str, str]],
+
+def plan_records(plan: DatasetPlan, have: set[bytes], stored_failures: list[dict[str, str]],
                  views_for: ViewsFor) -> PlannedDataset:
-    arrays, attrs, key = records_table(plan, predicted_valid(plan, have, set(known_bad)))
-    return PlannedDataset(plan, arrays, attrs, facts_of(plan.spec, arrays, attrs, key), known_bad,
+    """The dataset as the next `extract` stores it: images already failed with the same bytes
+    are left out, every other hashed image is expected to get features."""
+    current = {(str(plan.data.file(r)), k.hex()) for r, k in plan.hashed()}
+    known = tuple(f for f in stored_failures if (f["path"], f.get("key")) in current)
+    bad = {(f["path"], f["key"]) for f in known}
+    arrays, attrs, key = records_table(plan, predicted_valid(plan, have, bad))
+    return PlannedDataset(plan, arrays, attrs, facts_of(plan.spec, arrays, attrs, key), known,
                           views_for)
 
 

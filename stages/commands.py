@@ -22,14 +22,16 @@ def stage_command(manifest: Manifest, stage: str, request: Request, *, device: s
                   cache_dir: Path | None = None, report_dir: Path | None = None) -> Summary:
     """One stage's jobs (evaluate: with its report); what they read must be up to date."""
     env = Environment(manifest, device, progress, cache_dir, report_dir, strict)
+    names = (stage, "report") if stage == "evaluate" else (stage,)
+    with open_existing(manifest) as existing:  # bad input fails here, before anything is written
+        plan = build_plan(env, existing, request)
+    plan.raise_broken()
+    if stage == "extract" and strict:
+        extract.strict_failures(list(plan.datasets.values()))
     with FeatureStore.open(manifest.store, read_only=False, create=stage == "extract",
                            options=manifest.store_options) as store:
-        plan = build_plan(env, store, request)
-        plan.raise_broken()
-        names = (stage, "report") if stage == "evaluate" else (stage,)
+        plan = build_plan(env, store, request)  # again, under the writer's lock
         targets = [j for name in names for j in plan.of(name)]
-        if stage == "extract" and strict:
-            extract.strict_failures([plan.datasets[j.dataset].plan for j in targets])
         results = execute(plan, env, store, targets, force=stage if force else None)
     return summarize(results, plan, env)[stage]
 
@@ -39,10 +41,11 @@ def run_all(manifest: Manifest, request: Request, *, device: str = "auto",
             cache_dir: Path | None = None, report_dir: Path | None = None) -> Summary:
     """Every stale job of the manifest, in dependency order; `force` recomputes one stage's."""
     env = Environment(manifest, device, progress, cache_dir, report_dir)
+    with open_existing(manifest) as existing:  # bad input fails here, before anything is written
+        build_plan(env, existing, request).raise_broken()
     with FeatureStore.open(manifest.store, read_only=False, create=True,
                            options=manifest.store_options) as store:
         plan = build_plan(env, store, request)
-        plan.raise_broken()
         extracts = [j for j in plan.closure(plan.of("report")) if j.stage == "extract"]
         results = execute(plan, env, store, extracts)
         # Re-plan: images that failed to decode are left out of the records just written.

@@ -10,7 +10,6 @@ from typing import Any
 
 from ..pipeline.artifacts import RECORDS, Ref
 from ..pipeline.dataset_plan import DatasetPlan, PlannedDataset, records_table, view_rows
-from ..pipeline.datasets import Failure
 from ..pipeline.errors import ImageError
 from ..pipeline.records import Extractor
 from ..pipeline.store import FeatureStore
@@ -47,6 +46,8 @@ def counts(store: FeatureStore, job: Job) -> dict[str, Any]:
 
 def missing(store: FeatureStore, job: Job) -> list[str]:
     """Why a dataset's extraction is incomplete (empty: up to date)."""
+    if not store.has_extractor(job.inputs["extractor"]):
+        return ["no features of this model and preprocessing in the store yet"]
     c = counts(store, job)
     reasons = []
     if c["missing_features"]:
@@ -165,11 +166,12 @@ def _ensure_texts(clip: Any, ex: Extractor, works: list[Work]) -> int:
     return count
 
 
-def strict_failures(plans: list[DatasetPlan]) -> None:
+def strict_failures(planned: list[PlannedDataset]) -> None:
     """With --strict, any unusable entry is fatal before anything is written."""
-    failures: list[Failure] = [f for p in plans for f in p.failures]
+    failures = [f.to_dict() for d in planned for f in d.plan.failures]
+    failures += [f for d in planned for f in d.known_failures]
     if failures:
-        raise ImageError(f"{failures[0].path}: {failures[0].reason} (--strict)")
+        raise ImageError(f"{failures[0]['path']}: {failures[0]['reason']} (--strict)")
 
 
 STAGE = Stage(name="extract", kind=RECORDS, scope=Scope.DATASET, declare=declare, compute=compute,

@@ -21,12 +21,13 @@ def declare(slot: Slot) -> Declared:
     run = slot.upstream["evaluate"]
     inputs: dict[str, Any] = {"run": run.key}
     deps = [run]
-    if any(split_method(m)[1] for m in slot.heads) and "synthesize" in slot.upstream:
+    explicit = slot.options.get("explicit")  # one stored head: no projection of SHIP features
+    if not explicit and any(split_method(m)[1] for m in slot.heads) \
+            and "synthesize" in slot.upstream:
         syn, gen = slot.upstream["synthesize"], slot.upstream["train-generator"]
         inputs |= {"synthetic": syn.key, "generator": gen.key, "seed": slot.seeds[0]}
         deps += [syn, gen]
     name = slot.spec.name
-    explicit = slot.options.get("explicit")
     if explicit:
         name += f"-{explicit[0]}-{explicit[1][:12]}"
     folder = Path(slot.options.get("report_dir") or slot.manifest.path.resolve().parent / "reports")

@@ -132,15 +132,14 @@ def _seeds(dataset: str, listed: tuple[int, ...], asked: tuple[int, ...]) -> tup
     return asked or listed
 
 
-def _known_failures(store: FeatureStore | None, name: str) -> frozenset[tuple[str, str]]:
+def _known_failures(store: FeatureStore | None, name: str) -> list[dict[str, str]]:
     """Images that failed to decode last time, by path and content: not retried until changed."""
     if store is None or store.dataset_version(name) is None:
-        return frozenset()
+        return []
     try:
-        failures = store.dataset(name).failures
+        return [f for f in store.dataset(name).failures if "key" in f]
     except ShipyardError:
-        return frozenset()
-    return frozenset((f["path"], f["key"]) for f in failures if "key" in f)
+        return []
 
 
 # -- staleness ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ def extract_summary(results: list[Result], plan: Plan, env: Environment) -> Summ
     planned = [plan.datasets[r.job.dataset] for r in results]
     distinct = {k for d in planned for _, k in d.plan.hashed()}
     failures = [f.to_dict() for d in planned for f in d.plan.failures]
+    failures += [f for d in planned for f in d.known_failures]
     return {"stage": "extract", "extractor": plan.extractor, "store": env.manifest.store,
             "datasets": [d.spec.name for d in planned], "records_updated": [],
             "images": len(distinct), "extracted": 0, "reused": len(distinct),

@@ -111,3 +111,16 @@ def make_manifest(tmp_path: Path, small_demo: Path) -> Callable[..., Manifest]:
         return load_manifest(write_manifest(tmp_path / f"{store}.yaml", data))
 
     return make
+
+
+def run_stage(manifest: Manifest, stage: str, *, seeds: tuple[int, ...] = (),
+              methods: tuple[str, ...] | None = None, strict: bool = False, force: bool = False,
+              **options: Any) -> dict[str, Any]:
+    """One stage command from Python, on the CPU: what `shipyard <stage>` runs."""
+    from shipyard.stages.commands import stage_command
+    from shipyard.stages.runner import Request
+
+    if methods is None and stage in ("extract", "train-generator", "synthesize"):
+        methods = ()
+    request = Request((), seeds, methods, {k: v for k, v in options.items() if v is not None})
+    return stage_command(manifest, stage, request, device="cpu", strict=strict, force=force)

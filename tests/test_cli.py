@@ -47,8 +47,13 @@ def test_human_output_and_status(manifest_path: Path) -> None:
     assert result.exit_code == 0
     assert "120 images: 120 extracted, 0 reused, 0 failed" in result.stdout
     status = json.loads(invoke("--manifest", str(manifest_path), "status", "--json").stdout)
-    assert status["up_to_date"] is True
     assert status["datasets"][0]["missing_features"] == 0
+    assert status["stale"] == ["run:demo", "report:demo"]  # features current; nothing evaluated
+    assert invoke("--manifest", str(manifest_path), "status", "--check").exit_code == 1
+    assert invoke("--manifest", str(manifest_path), "evaluate").exit_code == 0
+    status = json.loads(invoke("--manifest", str(manifest_path), "status", "--json").stdout)
+    assert status["up_to_date"] is True and status["stale"] == []
+    assert invoke("--manifest", str(manifest_path), "status", "--check").exit_code == 0
     text = invoke("--manifest", str(manifest_path), "status").stdout
     assert "demo: 120 records, 0 unusable: up to date" in text
 
@@ -62,7 +67,8 @@ def test_status_names_what_is_stale(manifest_path: Path, small_demo: Path) -> No
     status = json.loads(invoke("--manifest", str(manifest_path), "status", "--json").stdout)
     assert status["up_to_date"] is False
     assert status["datasets"][0]["stale"] == [
-        "stored records differ from the split (files added, renamed or relabelled)"]
+        "records:demo: stored records differ from the split (files added, renamed or relabelled)",
+        "run:demo: not built yet", "report:demo: not written yet"]
 
 
 def test_store_info_and_verify(manifest_path: Path, tmp_path: Path) -> None:

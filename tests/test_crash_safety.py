@@ -16,7 +16,8 @@ import zarr
 from shipyard.pipeline.audit import verify
 from shipyard.pipeline.manifest import Manifest
 from shipyard.pipeline.store import FeatureStore
-from shipyard.stages.extract import ExtractOptions, run
+
+from tests.conftest import run_stage
 
 # The child slows each forward down so the parent can kill it mid-run.
 CHILD = """
@@ -28,8 +29,8 @@ def slow(clip, batch):
     return real(clip, batch)
 ex.encode_images = slow
 from shipyard.pipeline.manifest import load_manifest
-from shipyard.stages.extract import ExtractOptions, run
-run(load_manifest(sys.argv[1]), ExtractOptions(device="cpu"))
+from tests.conftest import run_stage
+run_stage(load_manifest(sys.argv[1]), "extract")
 """
 
 
@@ -76,12 +77,12 @@ def test_sigkill_mid_extract_then_resume_equals_clean_run(
     assert 48 <= rows_at_kill < 120, rows_at_kill
     assert child.returncode == -signal.SIGKILL
 
-    resumed = run(killed, ExtractOptions(device="cpu"))
+    resumed = run_stage(killed, "extract")
     assert resumed["reused"] >= rows_at_kill  # committed work survived the kill
     assert resumed["extracted"] == 120 - resumed["reused"]
 
     clean = make_manifest(store="clean.zarr", batch_size=16, chunk_rows=32)
-    reference = run(clean, ExtractOptions(device="cpu"))
+    reference = run_stage(clean, "extract")
     assert reference["extractor"] == resumed["extractor"]
 
     got = _snapshot(killed.store, resumed["extractor"])

@@ -15,14 +15,15 @@ from shipyard.pipeline.errors import ImageError
 from shipyard.pipeline.manifest import Manifest
 from shipyard.pipeline.models import shipped_configs
 from shipyard.pipeline.store import FeatureStore
-from shipyard.stages.extract import ExtractOptions, run
+
+from tests.conftest import run_stage
 
 
 def test_cached_features_equal_open_clip_directly(make_manifest: Callable[..., Manifest],
                                                   small_demo: Path) -> None:
     """The store's features are what open_clip's own model + transform give, to float16 precision."""
     m = make_manifest()
-    out = run(m, ExtractOptions(device="cpu"))
+    out = run_stage(m, "extract")
     open_clip.add_model_config(shipped_configs()["shipyard-tiny"])
     torch.manual_seed(0)  # the manifest's init_seed
     model, _, preprocess = open_clip.create_model_and_transforms("shipyard-tiny")
@@ -70,7 +71,7 @@ def test_bad_images_are_reported_and_skipped(make_manifest: Callable[..., Manife
                                              small_demo: Path) -> None:
     expected = _break_images(small_demo)
     m = make_manifest()
-    out = run(m, ExtractOptions(device="cpu"))
+    out = run_stage(m, "extract")
     assert out["failed"] == 5 and out["extracted"] == 120
     for fragment, reason in expected.items():
         hits = [f for f in out["failures"] if f["path"].endswith(fragment)]
@@ -80,7 +81,7 @@ def test_bad_images_are_reported_and_skipped(make_manifest: Callable[..., Manife
         ds = store.dataset("demo")
         assert len(ds) == 120  # bad entries are not records
         assert len(ds.failures) == 5
-    again = run(m, ExtractOptions(device="cpu"))  # still reported, nothing re-encoded
+    again = run_stage(m, "extract")  # still reported, nothing re-encoded
     assert again["failed"] == 5 and again["extracted"] == 0
 
 
@@ -89,19 +90,19 @@ def test_strict_fails_before_writing(make_manifest: Callable[..., Manifest],
     _break_images(small_demo)
     m = make_manifest()
     with pytest.raises(ImageError, match="--strict"):
-        run(m, ExtractOptions(device="cpu", strict=True))
+        run_stage(m, "extract", strict=True)
     assert not Path(m.store).exists()
 
 
 def test_strict_decode_failure_keeps_committed_rows(make_manifest: Callable[..., Manifest],
                                                     small_demo: Path) -> None:
     m = make_manifest()
-    first = run(m, ExtractOptions(device="cpu"))
+    first = run_stage(m, "extract")
     split = json.loads((small_demo / "split.json").read_text())
     (small_demo / "images" / "bag" / "notes.png").write_text("not an image")
     split["test"].append(["bag/notes.png", split["test"][0][1], split["test"][0][2]])
     (small_demo / "split.json").write_text(json.dumps(split))
     with pytest.raises(ImageError, match="not a recognised image"):
-        run(m, ExtractOptions(device="cpu", strict=True))
+        run_stage(m, "extract", strict=True)
     with FeatureStore.open(m.store) as store:
         assert store.extractor(first["extractor"]).images.rows == 120

@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 from shipyard.pipeline.manifest import Manifest
 from shipyard.pipeline.store import FeatureStore
-from shipyard.stages.extract import ExtractOptions, run
 
-from tests.conftest import DEMO, demo_split
+from tests.conftest import DEMO, demo_split, run_stage
 
 
 def extract(manifest: Manifest) -> dict:
-    return run(manifest, ExtractOptions(device="cpu"))
+    return run_stage(manifest, "extract")
 
 
 def features_by_key(manifest: Manifest, fp: str) -> dict[bytes, np.ndarray]:

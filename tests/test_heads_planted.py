@@ -8,19 +8,20 @@ from dataclasses import replace
 
 import pytest
 import torch
+from shipyard.pipeline.configs import ShipConfig, TrainConfig
 from shipyard.pipeline.features import FewShotSet
-from shipyard.pipeline.generator_training import TrainConfig, train_ship
-from shipyard.pipeline.head_config import DEFAULTS
+from shipyard.pipeline.generator_training import train_ship
+from shipyard.pipeline.head_inputs import HeadInputs, SplitFeatures
 from shipyard.pipeline.head_training import HeadData, train_head
 from shipyard.pipeline.heads import build_head, cache_keys
 from shipyard.pipeline.manifest import ModelSpec
 from shipyard.pipeline.metrics import base_new
 from shipyard.pipeline.models import encode_texts, load_clip
-from shipyard.pipeline.ship import ShipConfig, ShipGenerator
+from shipyard.pipeline.registry import heads
+from shipyard.pipeline.ship import ShipGenerator
 from shipyard.pipeline.synthesis import Synthesizer
 from shipyard.pipeline.text_encoder import PromptEncoder
-from shipyard.stages.build_cache import tune_alpha_beta
-from shipyard.stages.head_inputs import HeadInputs, SplitFeatures
+from shipyard.pipeline.tip import tune_alpha_beta
 
 from tests.test_ship_learning import NAMES
 
@@ -49,8 +50,9 @@ def planted() -> dict:
     val_y = torch.arange(n).repeat_interleave(8)
     text = torch.from_numpy(encode_texts(clip, [f"itap of a {c}." for c in NAMES]))
     train = FewShotSet(tuple(NAMES[i] for i in base), train_y, views[:, 0], views, "planted")
-    inputs = HeadInputs("planted", 1, tuple(NAMES), base, new, text, train,
-                        SplitFeatures(draw(val_y, 3), val_y), SplitFeatures(draw(test_y, 2), test_y))
+    inputs = HeadInputs("planted", 1, tuple(NAMES), base, new, text, ("planted",), train,
+                        SplitFeatures(draw(val_y, 3), val_y, "val"),
+                        SplitFeatures(draw(test_y, 2), test_y, "test"))
 
     torch.manual_seed(0)
     gen = ShipGenerator(enc, ShipConfig(latent_dim=64, encoder_hidden=256, generator_hidden=256))
@@ -65,7 +67,7 @@ def planted() -> dict:
 
 def _fit(planted: dict, method: str, with_ship: bool, **cfg_overrides: object) -> dict[str, float]:
     inputs: HeadInputs = planted["inputs"]
-    cfg = replace(DEFAULTS[method], **cfg_overrides)  # type: ignore[arg-type]
+    cfg = replace(heads()[method].defaults, **cfg_overrides)  # type: ignore[arg-type]
     keys, key_labels = cache_keys(inputs.train.views, inputs.train.clean), inputs.train.labels
     syn, syn_y = planted["syn"], planted["syn_y"]
     if with_ship and method.startswith("tip"):
@@ -78,8 +80,9 @@ def _fit(planted: dict, method: str, with_ship: bool, **cfg_overrides: object) -
                     *(syn, syn_y) if with_ship else empty, mix="pair" if method == "coop" else "join")
     train_head(head, data, cfg)
     if method.startswith("tip"):
-        tuned = tune_alpha_beta(head.keys.detach(), head.key_labels, inputs, (7.0, 3.0),
-                                with_new=with_ship)
+        classes = inputs.base + (inputs.new if with_ship else [])
+        tuned = tune_alpha_beta(head.keys.detach(), head.key_labels, inputs.val.features,
+                                inputs.val.labels, inputs.text, classes, (7.0, 3.0))
         head.alpha, head.beta = tuned["alpha"], tuned["beta"]
     with torch.no_grad():
         head.eval()

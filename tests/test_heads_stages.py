@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from shipyard.cli import app
+from shipyard.pipeline.artifacts import ADAPTER, CACHE, RUN, Ref, keys_of
 from shipyard.pipeline.store import FeatureStore
 from typer.testing import CliRunner
 
@@ -42,7 +43,7 @@ def ran(tmp_path: Path, small_demo: Path) -> dict[str, Any]:
 def test_run_trains_every_head_and_reports(ran: dict[str, Any]) -> None:
     out = ran["out"]
     assert out["pipeline"] == ["extract", "train-generator", "synthesize", "train-adapter",
-                               "build-cache", "evaluate"]
+                               "build-cache", "evaluate", "report"]
     evaluation = out["stages"]["evaluate"]
     assert evaluation["protocol"] == "clean"
     assert "random weights" in evaluation["notes"][0]
@@ -61,9 +62,9 @@ def test_run_trains_every_head_and_reports(ran: dict[str, Any]) -> None:
     assert report.parent == ran["path"].parent / "reports"
     assert "<svg" in html and "src=\"http" not in html and "coop+ship" in html
     with FeatureStore.open(str(ran["tmp"] / "s.zarr")) as store:
-        assert store.artifact("runs", evaluation["datasets"][0]["run"]) is not None
-        assert len(store.artifact_fps("adapters")) == 4  # coop, coop+ship, tip-f, tip-f+ship
-        assert len(store.artifact_fps("caches")) == 1
+        assert store.lookup(Ref.of(RUN, evaluation["datasets"][0]["run"])) is not None
+        assert len(keys_of(store.root, ADAPTER)) == 4  # coop, coop+ship, tip-f, tip-f+ship
+        assert len(keys_of(store.root, CACHE)) == 1
 
 
 def test_second_run_skips_every_trained_artefact(ran: dict[str, Any]) -> None:
@@ -71,8 +72,9 @@ def test_second_run_skips_every_trained_artefact(ran: dict[str, Any]) -> None:
     stages = again["stages"]
     assert stages["extract"]["extracted"] == 0
     assert all(g["status"] == "up to date" for g in stages["train-generator"]["generators"])
-    assert all(a["status"] == "up to date" for run in stages["train-adapter"] for a in run["adapters"])
-    assert all(c["status"] == "up to date" for run in stages["build-cache"] for c in run["caches"])
+    assert all(a["status"] == "up to date" for a in stages["train-adapter"]["adapters"])
+    assert all(c["status"] == "up to date" for c in stages["build-cache"]["caches"])
+    assert stages["evaluate"]["datasets"][0]["status"] == "up to date"
     first = ran["out"]["stages"]["evaluate"]["datasets"][0]["table"]
     assert stages["evaluate"]["datasets"][0]["table"] == first  # same heads, same numbers
 
@@ -86,8 +88,9 @@ def test_status_names_heads_not_trained_for_current_settings(ran: dict[str, Any]
     status = json.loads(invoke("--manifest", str(changed), "status", "--json").stdout)
     assert status["up_to_date"] is False
     assert status["datasets"][0]["stale"] == [
-        "seed 1: coop not trained/built for the current settings",
-        "seed 1: coop+ship not trained/built for the current settings"]
+        "adapter:demo:seed1:coop: params.config.epochs 3 -> 4",
+        "adapter:demo:seed1:coop+ship: params.config.epochs 3 -> 4",
+        "run:demo: input heads changed", "report:demo: written for another run"]
 
 
 def test_approximate_cache_reports_its_agreement(ran: dict[str, Any]) -> None:
@@ -112,7 +115,7 @@ def test_paper_protocol_selects_on_test_and_says_so(tmp_path: Path, small_demo: 
 
 
 def test_head_of_another_extractor_is_refused(ran: dict[str, Any], small_demo: Path) -> None:
-    adapter = ran["out"]["stages"]["train-adapter"][0]["adapters"][0]["adapter"]
+    adapter = ran["out"]["stages"]["train-adapter"]["adapters"][0]["adapter"]
     data = manifest_dict(small_demo, ran["tmp"] / "s.zarr")
     data["model"]["init_seed"] = 9  # other weights: another extractor in the same store
     other = write_manifest(ran["tmp"] / "other.yaml", data)
@@ -124,7 +127,7 @@ def test_head_of_another_extractor_is_refused(ran: dict[str, Any], small_demo: P
 
 
 def test_cache_for_other_classes_is_refused(ran: dict[str, Any], small_demo: Path) -> None:
-    cache = ran["out"]["stages"]["build-cache"][0]["caches"][0]["cache"]
+    cache = ran["out"]["stages"]["build-cache"]["caches"][0]["cache"]
     split = json.loads((small_demo / "split.json").read_text())
     for rows in split.values():
         for row in rows:
@@ -140,4 +143,4 @@ def test_train_adapter_rejects_unknown_synthetic_set(ran: dict[str, Any]) -> Non
     result = invoke("--manifest", str(ran["path"]), "train-adapter", "--method", "coop",
                     "--synthetic", "f" * 64)
     assert result.exit_code == 2
-    assert "no synthetic set ffffffffffff in the store" in result.stderr
+    assert "adapter:demo:seed1:coop+ship: no synthetic ffffffffffff in the store" in result.stderr

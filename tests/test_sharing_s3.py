@@ -12,11 +12,12 @@ from shipyard.cli import app
 from shipyard.pipeline.errors import StoreReadOnlyError
 from shipyard.pipeline.manifest import Manifest
 from shipyard.pipeline.store import FeatureStore
-from shipyard.stages.extract import ExtractOptions, run
 from typer.testing import CliRunner
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
+
+from tests.conftest import run_stage  # noqa: E402
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def _options(endpoint: str) -> dict[str, object]:
 def test_store_copied_to_s3_reads_back_identical(make_manifest: Callable[..., Manifest],
                                                  s3_endpoint: str) -> None:
     m = make_manifest()
-    out = run(m, ExtractOptions(device="cpu"))
+    out = run_stage(m, "extract")
     fs = s3fs.S3FileSystem(**_options(s3_endpoint))
     fs.mkdir("team-bucket")
     fs.put(m.store, "team-bucket/features.zarr", recursive=True)

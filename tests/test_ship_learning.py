@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from shipyard.pipeline.configs import ShipConfig, TrainConfig
 from shipyard.pipeline.features import FewShotSet
-from shipyard.pipeline.generator_training import TrainConfig, train_ship
+from shipyard.pipeline.generator_training import train_ship
 from shipyard.pipeline.manifest import ModelSpec
 from shipyard.pipeline.models import load_clip
-from shipyard.pipeline.ship import ShipConfig, ShipGenerator
+from shipyard.pipeline.ship import ShipGenerator
 from shipyard.pipeline.synthesis import Synthesizer
 from shipyard.pipeline.text_encoder import PromptEncoder
 

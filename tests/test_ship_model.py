@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from shipyard.pipeline.configs import ShipConfig
 from shipyard.pipeline.models import ClipModel
-from shipyard.pipeline.ship import ShipConfig, ShipGenerator, ship_loss
+from shipyard.pipeline.registry import ship_variants
+from shipyard.pipeline.ship import ShipGenerator, ship_loss
 from shipyard.pipeline.text_encoder import PromptEncoder
 
 NAMES = ["cat", "golden retriever puppy", "red-winged blackbird"]
@@ -76,7 +78,7 @@ def test_clip_weights_are_neither_trained_nor_saved(clip: ClipModel,
 
 
 def test_imagenet_variant_and_init(encoder: PromptEncoder) -> None:
-    config = ShipConfig.imagenet()
+    config = ship_variants()["imagenet"].config
     assert config.encoder_hidden == 4096 and config.leaky
     model = _model(encoder, ShipConfig(latent_dim=16, encoder_hidden=32, generator_hidden=64,
                                        leaky=True))

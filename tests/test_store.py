@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from shipyard.pipeline.errors import StoreError, StoreLockedError, StoreReadOnlyError
 from shipyard.pipeline.fingerprint import fingerprint
-from shipyard.pipeline.store import FeatureStore, RowTable
+from shipyard.pipeline.rows import RowTable
+from shipyard.pipeline.store import FeatureStore
 
 
 def _rows(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +70,7 @@ def test_read_only_store_refuses_writes(tmp_path: Path) -> None:
     with pytest.raises(StoreReadOnlyError):
         RowTable(ro.root["t"], read_only=True).writer()
     with pytest.raises(StoreReadOnlyError):
-        ro.write_dataset("x", "v", {}, {})
+        ro.write_dataset("x", "v", {}, {}, {"key": "v"})
     with pytest.raises(StoreReadOnlyError):
         ro.create_extractor(fingerprint({}), {}, 4, 0, 8)
 

@@ -16,16 +16,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from shipyard.pipeline.errors import ExtractorMismatchError, StoreError
+from shipyard.pipeline.artifacts import GENERATOR, SYNTHETIC, Ref, keys_of, record_of
+from shipyard.pipeline.errors import UsageError
+from shipyard.pipeline.head_store import read_synthetic
 from shipyard.pipeline.manifest import Manifest
 from shipyard.pipeline.store import FeatureStore
 from shipyard.pipeline.weights import load_tensors
-from shipyard.stages.extract import ExtractOptions
-from shipyard.stages.extract import run as extract
-from shipyard.stages.synthesize import SynthesizeOptions, read_synthetic
-from shipyard.stages.synthesize import run as synthesize
-from shipyard.stages.train_generator import TrainGeneratorOptions
-from shipyard.stages.train_generator import run as train
+
+from tests.conftest import run_stage
 
 EPOCHS = 6
 
@@ -33,30 +31,38 @@ EPOCHS = 6
 def _ready(make_manifest: Callable[..., Manifest], store: str = "store.zarr",
            epochs: int = EPOCHS, **kw: object) -> Manifest:
     m = make_manifest(store=store, ship={"epochs": epochs}, **kw)
-    extract(m, ExtractOptions(device="cpu"))
+    run_stage(m, "extract")
     return m
+
+
+def train(m: Manifest, seeds: tuple[int, ...] = (), **options: object) -> dict:
+    return run_stage(m, "train-generator", seeds=seeds, **options)
+
+
+def synthesize(m: Manifest, seeds: tuple[int, ...] = (), **options: object) -> dict:
+    return run_stage(m, "synthesize", seeds=seeds, **options)
 
 
 def _weights(m: Manifest, fp: str) -> dict[str, torch.Tensor]:
     with FeatureStore.open(m.store) as store:
-        group = store.artifact("generators", fp)
+        group = store.lookup(Ref.of(GENERATOR, fp))
         assert group is not None
         return load_tensors(group, "weights")
 
 
 def test_trains_then_skips_when_up_to_date(make_manifest: Callable[..., Manifest]) -> None:
     m = _ready(make_manifest)
-    first = train(m, TrainGeneratorOptions(seeds=(1,), device="cpu"))
+    first = train(m, (1,))
     gen = first["generators"][0]
     assert gen["status"] == "trained" and gen["epochs_run"] == EPOCHS
     assert set(gen["final"]) == {"loss", "recon", "kl"}
-    again = train(m, TrainGeneratorOptions(seeds=(1,), device="cpu"))
+    again = train(m, (1,))
     assert again["generators"][0]["status"] == "up to date"
     assert again["generators"][0]["epochs_run"] == 0
-    other_seed = train(m, TrainGeneratorOptions(seeds=(2,), device="cpu"))
+    other_seed = train(m, (2,))
     assert other_seed["generators"][0]["generator"] != gen["generator"]
     with FeatureStore.open(m.store) as store:
-        group = store.artifact("generators", gen["generator"])
+        group = store.lookup(Ref.of(GENERATOR, gen["generator"]))
         assert group is not None
         log = group.attrs["log"]
         assert [e["epoch"] for e in log] == list(range(1, EPOCHS + 1))  # type: ignore[index,union-attr]
@@ -65,14 +71,15 @@ def test_trains_then_skips_when_up_to_date(make_manifest: Callable[..., Manifest
 
 CHILD = """
 import sys, time
-import shipyard.stages.train_generator as tg
-real = tg.save_checkpoint
+import shipyard.pipeline.generators as gens
+real = gens.save_checkpoint
 def slow(group, state):
     real(group, state)
     time.sleep(0.3)
-tg.save_checkpoint = slow
+gens.save_checkpoint = slow
 from shipyard.pipeline.manifest import load_manifest
-tg.run(load_manifest(sys.argv[1]), tg.TrainGeneratorOptions(seeds=(1,), device="cpu"))
+from tests.conftest import run_stage
+run_stage(load_manifest(sys.argv[1]), "train-generator", seeds=(1,))
 """
 
 
@@ -110,13 +117,13 @@ def test_sigkilled_training_resumes_to_the_same_weights(
     at_kill = _checkpoint_epoch(Path(killed.store))
     assert 3 <= at_kill < epochs
 
-    resumed = train(killed, TrainGeneratorOptions(seeds=(1,), device="cpu"))
+    resumed = train(killed, (1,))
     r = resumed["generators"][0]
     assert r["status"] == "resumed" and r["resumed_from_epoch"] == at_kill
     assert r["epochs_run"] == epochs - at_kill
 
     clean = _ready(make_manifest, store="clean.zarr", epochs=epochs)
-    c = train(clean, TrainGeneratorOptions(seeds=(1,), device="cpu"))["generators"][0]
+    c = train(clean, (1,))["generators"][0]
     assert c["generator"] == r["generator"]
     got, want = _weights(killed, r["generator"]), _weights(clean, c["generator"])
     assert got.keys() == want.keys()
@@ -129,37 +136,35 @@ def test_store_of_another_extractor_fails_and_writes_nothing(
         make_manifest: Callable[..., Manifest]) -> None:
     _ready(make_manifest)
     other_model = make_manifest(model={"init_seed": 5})  # same store, other weights
-    with pytest.raises(ExtractorMismatchError, match="run `shipyard extract`"):
-        train(other_model, TrainGeneratorOptions(seeds=(1,), epochs=1, device="cpu"))
+    with pytest.raises(UsageError, match=r"needs records:demo.*no features of this model"):
+        train(other_model, (1,), epochs=1)
     with FeatureStore.open(other_model.store) as store:
-        assert store.artifact_fps("generators") == []
+        assert keys_of(store.root, GENERATOR) == []
 
 
 def test_dataset_without_features_fails_and_writes_nothing(
         make_manifest: Callable[..., Manifest]) -> None:
     m = make_manifest()
     FeatureStore.open(m.store, read_only=False, create=True).close()  # an empty store
-    with pytest.raises(ExtractorMismatchError, match="no features of this manifest's model"):
-        train(m, TrainGeneratorOptions(epochs=1, device="cpu"))
+    with pytest.raises(UsageError, match="run `shipyard extract` first"):
+        train(m, epochs=1)
     # Extracted, but the requested dataset's records are not in the store.
-    extract(m, ExtractOptions(device="cpu"))
+    run_stage(m, "extract")
     with FeatureStore.open(m.store, read_only=False) as store:
         store.root["datasets/demo"].attrs["current"] = "0" * 64  # records point nowhere
-    with pytest.raises(StoreError):
-        train(m, TrainGeneratorOptions(epochs=1, device="cpu"))
+    with pytest.raises(UsageError, match="stored records differ from the split"):
+        train(m, epochs=1)
     with FeatureStore.open(m.store) as store:
-        assert store.artifact_fps("generators") == []
+        assert keys_of(store.root, GENERATOR) == []
 
 
 def test_synthesize_adds_only_missing_classes(make_manifest: Callable[..., Manifest]) -> None:
     m = _ready(make_manifest)
-    train(m, TrainGeneratorOptions(seeds=(1,), device="cpu"))
-    first = synthesize(m, SynthesizeOptions(seeds=(1,), classes=("new",), per_class=8,
-                                            device="cpu"))
+    train(m, (1,))
+    first = synthesize(m, (1,), classes=("new",), per_class=8)
     s = first["sets"][0]
     assert s["classes"] == 5 and s["synthesized"] == 5 and s["reused"] == 0
-    more = synthesize(m, SynthesizeOptions(seeds=(1,), classes=("all", "denim jacket"),
-                                           per_class=8, device="cpu"))["sets"][0]
+    more = synthesize(m, (1,), classes=("all", "denim jacket"), per_class=8)["sets"][0]
     assert more["synthetic"] == s["synthetic"]
     assert more["classes"] == 11 and more["synthesized"] == 6 and more["reused"] == 5
     with FeatureStore.open(m.store) as store:
@@ -169,8 +174,8 @@ def test_synthesize_adds_only_missing_classes(make_manifest: Callable[..., Manif
         for f in feats.values():
             assert f.shape == (8, 64)
             np.testing.assert_allclose(np.linalg.norm(f.astype(np.float32), axis=1), 1, atol=2e-3)
-        group = store.artifact("synthetic", s["synthetic"])
-        assert group is not None and group.attrs["fingerprint"]["domain"] == "synthetic"  # type: ignore[index,call-overload]
+        group = store.lookup(Ref.of(SYNTHETIC, s["synthetic"]))
+        assert group is not None and record_of(group)["params"]["domain"] == "synthetic"
 
 
 def test_per_class_samples_do_not_depend_on_the_other_classes(
@@ -178,11 +183,9 @@ def test_per_class_samples_do_not_depend_on_the_other_classes(
     a = _ready(make_manifest, store="a.zarr")
     b = _ready(make_manifest, store="b.zarr")
     for m in (a, b):
-        train(m, TrainGeneratorOptions(seeds=(1,), device="cpu"))
-    sa = synthesize(a, SynthesizeOptions(seeds=(1,), classes=("all",), per_class=4,
-                                         device="cpu"))["sets"][0]["synthetic"]
-    sb = synthesize(b, SynthesizeOptions(seeds=(1,), classes=("bag", "sandal"), per_class=4,
-                                         device="cpu"))["sets"][0]["synthetic"]
+        train(m, (1,))
+    sa = synthesize(a, (1,), classes=("all",), per_class=4)["sets"][0]["synthetic"]
+    sb = synthesize(b, (1,), classes=("bag", "sandal"), per_class=4)["sets"][0]["synthetic"]
     with FeatureStore.open(a.store) as x, FeatureStore.open(b.store) as y:
         fa, fb = read_synthetic(x, sa, ["bag", "sandal"]), read_synthetic(y, sb, ["bag", "sandal"])
     for name in ("bag", "sandal"):
@@ -193,5 +196,6 @@ def test_per_class_samples_do_not_depend_on_the_other_classes(
 def test_synthesize_without_generator_is_a_clear_error(
         make_manifest: Callable[..., Manifest]) -> None:
     m = _ready(make_manifest)
-    with pytest.raises(Exception, match="no trained generator"):
-        synthesize(m, SynthesizeOptions(seeds=(1,), device="cpu"))
+    with pytest.raises(UsageError, match=r"needs generator:demo:seed1.*run `shipyard "
+                                         r"train-generator` first"):
+        synthesize(m, (1,))
