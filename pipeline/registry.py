@@ -27,6 +27,7 @@ class HeadSpec:
     stage: str | None  # the stage that builds it: train-adapter | build-cache; None: nothing to build
     ship: str | None  # how '+ship' adds synthesized features: pair | join; None: no +ship variant
     reads_val: bool  # tunes on val (alpha/beta), so val is one of its inputs
+    reads_text: bool  # uses the zero-shot text classifier (CoOp builds its own from prompts)
     summary: str
     defaults: HeadConfig
 
@@ -49,7 +50,8 @@ class ShipVariantSpec:
 def heads() -> dict[str, HeadSpec]:
     out = {}
     for name, h in _preset("heads").items():
-        out[name] = HeadSpec(name, h["stage"], h["ship"], bool(h["reads_val"]), h["summary"],
+        out[name] = HeadSpec(name, h["stage"], h["ship"], bool(h["reads_val"]),
+                             bool(h["reads_text"]), h["summary"],
                              replace(HeadConfig(), **h["defaults"]))
     return out
 

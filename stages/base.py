@@ -23,6 +23,7 @@ from ..pipeline.hashing import default_cache_dir
 from ..pipeline.identity import IdentityCache, ModelIdentity, extractor_description
 from ..pipeline.manifest import DatasetSpec, Manifest, Protocol
 from ..pipeline.progress import Progress, Silent
+from ..pipeline.registry import HeadSpec
 
 if TYPE_CHECKING:  # torch-free at import: planning and status never load a model
     from ..pipeline.models import ClipModel
@@ -92,18 +93,20 @@ class Slot:
     def facts(self) -> DatasetFacts:
         return self.dataset.facts
 
-    def head_inputs(self, reads_val: bool, ship: bool, protocol: Protocol | None,
+    def head_inputs(self, head: HeadSpec, ship: bool, protocol: Protocol | None,
                     ) -> tuple[dict[str, Any], tuple[Job, ...], tuple[Ref, ...]]:
         """The inputs a head reads (by key), the jobs that make them, and stored artefacts it names
-        directly: base shots and text always; val when it tunes there; test when the `paper`
-        protocol selects epochs on it; the synthetic set with +ship."""
+        directly: base shots always; the zero-shot text classifier unless it builds its own; val
+        when it tunes there; test when the `paper` protocol selects epochs on it; the synthetic
+        set with +ship."""
         assert self.seed is not None
         facts = self.facts
-        inputs: dict[str, Any] = {"extractor": self.extractor, "train": facts.train[self.seed],
-                                  "text": self.texts}
+        inputs: dict[str, Any] = {"extractor": self.extractor, "train": facts.train[self.seed]}
         deps: tuple[Job, ...] = (self.upstream["extract"],)
         requires: tuple[Ref, ...] = ()
-        if reads_val:
+        if head.reads_text:
+            inputs["text"] = self.texts
+        if head.reads_val:
             inputs["val"] = facts.val
         if protocol is Protocol.PAPER:
             inputs["test"] = facts.test

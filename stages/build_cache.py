@@ -22,7 +22,7 @@ def declare(slot: Slot) -> Declared | None:
     params = {"head": spec.name, "index": slot.options.get("index") or heads.cache_index,
               "topk": topk if topk is not None else heads.cache_topk,
               "tip_scale": list(heads.tip_scale)}
-    inputs, deps, requires = slot.head_inputs(spec.reads_val, ship, None)
+    inputs, deps, requires = slot.head_inputs(spec, ship, None)
     return Declared(params, inputs, deps, requires=requires)
 
 

@@ -53,6 +53,7 @@ def run_all(manifest: Manifest, request: Request, *, device: str = "auto",
         rest = execute(plan, env, store, plan.of("report"), force=force, with_deps=True)
         results += [r for r in rest if r.job.stage != "extract"]
     return {"stage": "run", "pipeline": [s.name for s in STAGES],
+            "jobs": [{"id": r.job.id, "status": r.status, "key": r.job.key} for r in results],
             "stages": summarize(results, plan, env)}
 
 

@@ -24,7 +24,7 @@ def declare(slot: Slot) -> Declared | None:
                               "protocol": heads.protocol.value}
     if spec.reads_val:
         params["tip_scale"] = list(heads.tip_scale)
-    inputs, deps, requires = slot.head_inputs(spec.reads_val, ship, heads.protocol)
+    inputs, deps, requires = slot.head_inputs(spec, ship, heads.protocol)
     return Declared(params, inputs, deps, requires=requires)
 
 

@@ -53,6 +53,10 @@ def demo_split() -> dict[str, list[list[Any]]]:
 @pytest.fixture
 def small_demo(tmp_path: Path) -> Path:
     """A copy of part of the demo: per class 6 train, 2 val, 4 test images (120 files)."""
+    return make_small_demo(tmp_path)
+
+
+def make_small_demo(tmp_path: Path) -> Path:
     full = demo_split()
     per = {"train": 6, "val": 2, "test": 4}
     split: dict[str, list[list[Any]]] = {}
