@@ -15,19 +15,19 @@ from .models import ClipModel
 from .ship import ShipGenerator
 from .store import FeatureStore
 from .text_encoder import PromptEncoder
-from .weights import flatten_optimizer, load_tensors, save_tensors, unflatten_optimizer
-from .zarr_nodes import attrs_of, child_array, child_group, read_array
+from .weights import flatten_optimizer, load_tensors, pack_tensors, unflatten_optimizer, unpack_tensors
+from .zarr_nodes import attrs_of, child_group
 
 
 def save_checkpoint(group: zarr.Group, state: Checkpoint) -> None:
     """Write checkpoint_<epoch>, point `checkpoint` at it (the commit), drop older ones."""
     name = f"checkpoint_{state.epoch:05d}"
-    sub = group.create_group(name, overwrite=True)
-    save_tensors(sub, "model", state.model)
     tensors, meta = flatten_optimizer(state.optimizer)
-    save_tensors(sub, "optimizer", tensors)
-    sub.create_array("rng", data=state.rng.numpy(), chunks=state.rng.shape)
-    sub.update_attributes({"epoch": state.epoch, "log": state.log, "optimizer": meta})
+    packed = {**{f"model.{k}": v for k, v in state.model.items()},
+              **{f"optimizer.{k}": v for k, v in tensors.items()}, "rng": state.rng}
+    pack_tensors(group, name, packed)  # a few arrays, not one per tensor
+    child_group(group, name).update_attributes({"epoch": state.epoch, "log": state.log,
+                                                "optimizer": meta})
     group.attrs["checkpoint"] = name
     drop_checkpoints(group, keep=name)
 
@@ -37,13 +37,14 @@ def load_checkpoint(group: zarr.Group, device: torch.device) -> Checkpoint | Non
     name = attrs_of(group).get("checkpoint")
     if not name or name not in group:
         return None
-    sub = child_group(group, str(name))
-    attrs = attrs_of(sub)
-    if "epoch" not in attrs:  # killed while writing it: the previous one was already dropped
+    attrs = attrs_of(child_group(group, str(name)))
+    if "epoch" not in attrs:  # killed while writing it (the pointer moves only after)
         return None
-    optimizer = unflatten_optimizer(load_tensors(sub, "optimizer", device), attrs["optimizer"])
-    rng = torch.from_numpy(read_array(child_array(sub, "rng")).copy())
-    return Checkpoint(int(attrs["epoch"]), load_tensors(sub, "model", device), optimizer, rng,
+    tensors = unpack_tensors(group, str(name), device)
+    model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    optimizer = unflatten_optimizer({k.removeprefix("optimizer."): v for k, v in tensors.items()
+                                     if k.startswith("optimizer.")}, attrs["optimizer"])
+    return Checkpoint(int(attrs["epoch"]), model, optimizer, tensors["rng"].cpu(),
                       list(attrs["log"]))
 
 

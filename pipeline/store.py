@@ -31,6 +31,7 @@ from .rows import RowTable
 from .zarr_nodes import attrs_of, child_group, utcnow
 
 STORE_FORMAT = 1
+TOP_GROUPS = ("extractors", "datasets")
 
 
 class FeatureStore:
@@ -73,8 +74,10 @@ class FeatureStore:
                 root = zarr.open_group(zstore, mode="w-",
                                        attributes={"shipyard_format": STORE_FORMAT,
                                                    "created": utcnow()})
-                for name in ("extractors", "datasets"):
-                    root.create_group(name)
+            if not read_only:  # a store created by a writer killed half-way is completed
+                for name in TOP_GROUPS:
+                    if name not in root:
+                        root.create_group(name)
         except BaseException:
             release_lock(lock)
             raise
@@ -95,6 +98,8 @@ class FeatureStore:
             raise StoreReadOnlyError(f"{self.location} is opened read-only")
 
     def _group(self, path: str) -> zarr.Group:
+        if path in TOP_GROUPS and path not in self.root:  # read-only view of a half-made store
+            return zarr.create_group(zarr.storage.MemoryStore())
         return child_group(self.root, path)
 
     # -- artefacts ---------------------------------------------------------------------------------
@@ -109,18 +114,21 @@ class FeatureStore:
 
     # -- extractors ------------------------------------------------------------------------------
     def extractor_fps(self) -> list[str]:
-        return sorted(self._group("extractors").group_keys())
+        """Extractors whose layout is complete (a layout killed half-way is not one yet)."""
+        groups = self._group("extractors")
+        return sorted(fp for fp in groups.group_keys()
+                      if attrs_of(child_group(groups, fp)).get("complete_layout"))
 
     def extractor(self, fp: str) -> Extractor:
-        groups = self._group("extractors")
-        if fp not in groups:
+        if not self.has_extractor(fp):
             known = ", ".join(f[:12] for f in self.extractor_fps()) or "none"
             raise ExtractorMismatchError(f"{self.location} has no features of extractor {fp[:12]} "
                                          f"(it has: {known}); run `shipyard extract`")
-        return Extractor(self.root, child_group(groups, fp), self.read_only)
+        return Extractor(self.root, child_group(self._group("extractors"), fp), self.read_only)
 
     def has_extractor(self, fp: str) -> bool:
-        return fp in self._group("extractors")
+        groups = self._group("extractors")
+        return fp in groups and bool(attrs_of(child_group(groups, fp)).get("complete_layout"))
 
     def create_extractor(self, fp: str, description: dict[str, Any], dim: int, views: int,
                          chunk_rows: int) -> Extractor:
@@ -128,9 +136,9 @@ class FeatureStore:
         self._check_writable()
         if fingerprint(description) != fp:
             raise StoreError("extractor fingerprint does not match its description")
-        groups = self._group("extractors")
-        if fp in groups and attrs_of(child_group(groups, fp)).get("complete_layout"):
+        if self.has_extractor(fp):
             return self.extractor(fp)
+        groups = self._group("extractors")
         group = groups.create_group(fp, overwrite=True, attributes={
             "fp": fp, "fingerprint": description, "dim": dim, "views": views, "created": utcnow()})
         RowTable.create(group, "images", {"features": ((dim,), "float16")}, chunk_rows)

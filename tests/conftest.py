@@ -56,9 +56,10 @@ def small_demo(tmp_path: Path) -> Path:
     return make_small_demo(tmp_path)
 
 
-def make_small_demo(tmp_path: Path) -> Path:
+def make_small_demo(tmp_path: Path, train: int = 6, val: int = 2, test: int = 4) -> Path:
+    """Per class `train`, `val` and `test` images of the demo, copied under tmp_path/data."""
     full = demo_split()
-    per = {"train": 6, "val": 2, "test": 4}
+    per = {"train": train, "val": val, "test": test}
     split: dict[str, list[list[Any]]] = {}
     for name, n in per.items():
         taken: dict[int, int] = {}

@@ -146,6 +146,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_a_change_makes_exactly_its_dependants_stale(name: str, base: Path, tmp_path: Path) -> None:
     change, expected = MATRIX[name]

@@ -1,0 +1,47 @@
+"""Crash windows: every stage killed between every pair of consecutive store writes, then run
+again, ends with the store a clean run leaves, and `store verify` passes. The kills happen in
+child processes (tests/crash_harness.py says how a kill is injected); two run side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Two children, about equal in length; each builds the store its first stage starts from.
+GROUPS = (("extract",), ("train-generator", "synthesize", "train-adapter", "build-cache",
+                         "evaluate"))
+
+
+@pytest.fixture(scope="module")
+def windows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    env = {**os.environ, "SHIPYARD_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    children = []
+    for i, group in enumerate(GROUPS):
+        work = tmp_path_factory.mktemp(f"windows{i}")
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.crash_harness", str(work), *group], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out: dict[str, Any] = {}
+    for child in children:
+        stdout, stderr = child.communicate(timeout=900)
+        assert child.returncode == 0, stderr[-3000:]
+        out |= json.loads(stdout)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [s for group in GROUPS for s in group])
+def test_a_kill_at_any_store_write_resumes_to_a_clean_store(stage: str,
+                                                            windows: dict[str, Any]) -> None:
+    result = windows[stage]
+    # Every artefact kind is written by some stage; each stage writes more than a commit.
+    assert result["writes"] >= 8, result
+    assert result["killed_at"] == list(range(1, result["writes"] + 1))
+    assert result["failures"] == {}, result["failures"]
