@@ -383,6 +383,30 @@ def store_verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     _run(as_json, work, cli_text.verify_text, ok=lambda s: bool(s["ok"]))
 
 
+@manifest_app.command("schema")
+def manifest_schema() -> None:
+    """Print the manifest's JSON Schema (for editors: yaml-language-server, VS Code, ...)."""
+    from .pipeline.manifest import manifest_schema as schema
+
+    typer.echo(json.dumps(schema(), indent=2))
+
+
+@manifest_app.command("check")
+def manifest_check(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Validate the manifest (and its datasets' split files) without touching the store."""
+    from .pipeline.datasets import read_dataset
+
+    g: Globals = ctx.obj
+
+    def work() -> Summary:
+        m = g.load()
+        counts = {d.name: len(read_dataset(d).records) for d in m.datasets}
+        return {"manifest": str(m.path), "ok": True, "datasets": counts}
+
+    _run(as_json, work, lambda s: f"{s['manifest']}: ok ("
+         + ", ".join(f"{k}: {v} records" for k, v in s["datasets"].items()) + ")")
+
+
 def main() -> None:
     """Entry point of the `shipyard` script and `python -m shipyard`."""
     app()

@@ -138,7 +138,14 @@ def _classnames(names: dict[int, str], where: str) -> list[str]:
     if missing:
         raise DatasetError(f"{where}: labels must be 0..{max(names)} without gaps; "
                            f"missing {missing[:5]}")
-    return [names[i].replace("_", " ") for i in range(len(names))]
+    out = [names[i].replace("_", " ") for i in range(len(names))]
+    seen: dict[str, int] = {}
+    for label, name in enumerate(out):
+        if name in seen:
+            raise DatasetError(f"{where}: labels {seen[name]} and {label} are both named {name!r} "
+                               "('_' reads as a space); class names must differ")
+        seen[name] = label
+    return out
 
 
 def _read_imagefolder(spec: DatasetSpec) -> _Entries:

@@ -1,25 +1,36 @@
-"""The manifest: what to extract, from which images, with which model. Validated on load.
+"""The manifest: what to extract, from which images, with which model, and what to train on it.
 
-Every error names the file and the field (`data_manifest.yaml: datasets[0].shots: expected an
-integer >= 1, got 'x'`) and is raised before anything is written.
+Typed, frozen pydantic models hold every default in one place; `shipyard manifest schema` prints
+their JSON Schema for editors. Every error names the file and the field, in one line
+(`data_manifest.yaml: datasets[0].shots: expected an integer >= 1, got 0`), and is raised before
+anything is written. Relative paths resolve against the manifest's folder.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+import string
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
+from . import registry
 from .errors import ManifestError
 from .locations import is_url
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class Device(StrEnum):
@@ -44,102 +55,236 @@ class ViewsFor(StrEnum):
     TRAIN = "train"  # augmented views for every training image
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str  # open_clip model name, or a config shipped with shipyard (e.g. shipyard-tiny)
-    pretrained: str | None = None  # open_clip tag or local checkpoint path; None = random weights
-    precision: Precision = Precision.FP32
-    init_seed: int = 0  # seeds random initialisation when there are no pretrained weights
-
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range (SHIP / Tip-Adapter)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
-
-
-@dataclass(frozen=True)
-class ExtractionSpec:
-    views: int = 10  # augmented views V per training image (Tip-Adapter uses 10)
-    views_for: ViewsFor = ViewsFor.FEWSHOT
-    augment: AugmentSpec = field(default_factory=AugmentSpec)
-    seed: int = 0  # with (image key, view index) this seeds every augmented view
-    batch_size: int = 64
-    workers: int = 2  # decode threads
-    chunk_rows: int = 1024  # rows per Zarr chunk for new extractor groups
-
-
-@dataclass(frozen=True)
-class ImageFolderSplit:
-    val: float = 0.1  # fractions per class, used only when the folder has no train/val/test
-    test: float = 0.5
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    format: DatasetFormat
-    root: Path  # image root; every image path must resolve under it
-    split_file: Path | None = None  # required for format coop
-    split: ImageFolderSplit = field(default_factory=ImageFolderSplit)
-    templates: tuple[str, ...] = ("a photo of a {}.",)
-    shots: int = 16
-    seeds: tuple[int, ...] = (1, 2, 3)
-    base_new: str = "half"  # the first ceil(n/2) labels are base, the rest new
-
-
-class ShipVariant(StrEnum):
-    DEFAULT = "default"  # encoder hidden 2048, ReLU generator
-    IMAGENET = "imagenet"  # encoder hidden 4096, LeakyReLU(0.2) generator
-
-
-@dataclass(frozen=True)
-class SynthesizeSpec:
-    classes: tuple[str, ...] = ("new",)  # new | base | all, or class names
-    per_class: int = 16
-    seed: int = 0  # with the class name, seeds each class's samples
-
-
-@dataclass(frozen=True)
-class ShipSpec:
-    variant: ShipVariant = ShipVariant.DEFAULT
-    epochs: int = 50  # ImageNet: 10
-    batch_size: int = 256
-    lr: float = 1e-3
-    seed: int = 0  # initialisation, batch order, view choice, noise
-    checkpoint_every: int = 1  # epochs between resumable checkpoints
-    synthesize: SynthesizeSpec = field(default_factory=SynthesizeSpec)
-
-
 class Protocol(StrEnum):
     CLEAN = "clean"  # last epoch (or val); seeds averaged
     PAPER = "paper"  # best epoch chosen on the test set, as the public SHIP / Tip-Adapter code do
 
 
-@dataclass(frozen=True)
-class HeadsSpec:
-    # Heads to evaluate; a '+ship' suffix adds the SHIP synthesized features of the new classes.
-    methods: tuple[str, ...] = ("zero-shot", "coop", "coop+ship", "tip-adapter", "tip-adapter-f",
-                                "tip-adapter-f+ship")
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+Count = Annotated[int, Field(ge=1, strict=True)]
+Index = Annotated[int, Field(ge=0, strict=True)]
+Name = Annotated[str, Field(min_length=1, pattern=r"\S")]
+# A field written as one string or a list of them (read as a list).
+OneOrMany = WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1,
+                                                           "items": {"type": "string"}}]})
+
+
+class ModelSpec(Spec):
+    name: Name = Field(description="open_clip model name (ViT-B-16, ...) or a config shipped "
+                                   "with shipyard (shipyard-tiny)")
+    pretrained: str | None = Field(None, description="open_clip tag (openai) or a local checkpoint "
+                                                     "path; null: random weights")
+    precision: Precision = Precision.FP32
+    init_seed: Index = Field(0, description="seeds random initialisation without pretrained weights")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _local_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not value.strip():
+            return None
+        local = _base(info) / value
+        # A tag is a bare word; anything that exists on disk (or looks like a path) is a file.
+        if local.exists() or "/" in value or value.endswith((".pt", ".bin", ".safetensors")):
+            return str(local.resolve())
+        return value
+
+
+def _ordered(pair: tuple[float, float]) -> tuple[float, float]:
+    if pair[0] > pair[1]:
+        raise ValueError(f"expected [low, high] with low <= high, got {list(pair)}")
+    return pair
+
+
+class AugmentSpec(Spec):
+    scale: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = \
+        Field((0.5, 1.0), description="RandomResizedCrop area range (SHIP / Tip-Adapter)")
+    ratio: tuple[Annotated[float, Field(ge=0.01, le=100)], Annotated[float, Field(ge=0.01, le=100)]] \
+        = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    _scale = field_validator("scale", "ratio")(lambda cls, v: _ordered(v))
+
+
+class ExtractionSpec(Spec):
+    views: Index = Field(10, description="augmented views V per training image (Tip-Adapter: 10)")
+    views_for: ViewsFor = ViewsFor.FEWSHOT
+    augment: AugmentSpec = AugmentSpec()
+    seed: Index = Field(0, description="with (image key, view index) seeds every augmented view")
+    batch_size: Count = 64
+    workers: Count = Field(2, description="decode threads")
+    chunk_rows: Count = Field(1024, description="rows per Zarr chunk of new extractor groups")
+
+
+class ImageFolderSplit(Spec):
+    """Fractions per class, used only when an image folder has no train/ val/ test/ folders."""
+
+    val: Annotated[float, Field(ge=0, le=0.9)] = 0.1
+    test: Annotated[float, Field(ge=0, le=0.9)] = 0.5
+    seed: Index = 0
+
+    @model_validator(mode="after")
+    def _leaves_train(self) -> ImageFolderSplit:
+        if self.val + self.test >= 1.0:
+            raise ValueError("val + test must leave some images for train")
+        return self
+
+
+class DatasetSpec(Spec):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    format: DatasetFormat
+    root: Path = Field(description="image root; every image path must resolve under it")
+    split_file: Path | None = Field(None, description="CoOp split JSON (format coop only)")
+    split: ImageFolderSplit = ImageFolderSplit()
+    templates: Annotated[tuple[str, ...], OneOrMany] = Field(
+        ("a photo of a {}.",), min_length=1,
+        description="a template with one {}, a list of them (an ensemble), or preset:<Name>")
+    shots: Count = 16
+    seeds: tuple[Index, ...] = Field((1, 2, 3), min_length=1)
+    base_new: Literal["half"] = Field("half", description="labels [0, ceil(n/2)) base, rest new")
+
+    @field_validator("root", "split_file")
+    @classmethod
+    def _resolve(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else (_base(info) / value).resolve()
+
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _templates(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("preset:"):
+            presets = template_presets()
+            name = value.removeprefix("preset:")
+            if name not in presets:
+                raise ValueError(f"unknown template preset {name!r} "
+                                 f"(known: {', '.join(sorted(presets))})")
+            return presets[name]
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("templates")
+    @classmethod
+    def _one_placeholder(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, template in enumerate(value):
+            check_template(template, f"[{i}]")
+        return value
+
+    @model_validator(mode="after")
+    def _split_file_for_coop(self) -> DatasetSpec:
+        if self.format is DatasetFormat.COOP and self.split_file is None:
+            raise ValueError("split_file: missing required field (format coop reads one)")
+        if self.format is not DatasetFormat.COOP and self.split_file is not None:
+            raise ValueError("split_file: only format coop reads a split file")
+        return self
+
+
+def check_template(template: str, where: str = "") -> None:
+    """A template has exactly one `{}` and no other replacement field (`{x}`, `{0}`)."""
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)
+                  if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"{where} {template!r}: {exc}".strip()) from None
+    if fields != [("", "", None)]:
+        raise ValueError(f"{where} expected a string with one '{{}}' and no other replacement "
+                         f"field, got {template!r}".strip())
+
+
+class SynthesizeSpec(Spec):
+    classes: Annotated[tuple[Name, ...], OneOrMany] = Field(
+        ("new",), min_length=1, description="new | base | all, or class names")
+    per_class: Count = 16
+    seed: Index = Field(0, description="with the class name, seeds each class's samples")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class ShipSpec(Spec):
+    variant: str = Field("default", description="a SHIP variant of presets/ship_variants.json")
+    epochs: Count = Field(50, description="ImageNet: 10")
+    batch_size: Count = 256
+    lr: Annotated[float, Field(ge=1e-8, le=10)] = Field(1e-3, description="AdamW")
+    seed: Index = Field(0, description="initialisation, batch order, view choice, noise")
+    checkpoint_every: Count = Field(1, description="epochs between resumable checkpoints")
+    synthesize: SynthesizeSpec = SynthesizeSpec()
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, value: str) -> str:
+        return _known(value, list(registry.ship_variants()))
+
+
+class HeadsSpec(Spec):
+    methods: tuple[str, ...] = Field(
+        ("zero-shot", "coop", "coop+ship", "tip-adapter", "tip-adapter-f", "tip-adapter-f+ship"),
+        min_length=1, description="heads to evaluate; +ship adds SHIP's synthesized features")
     protocol: Protocol = Protocol.CLEAN
-    tip_scale: tuple[float, float] = (7.0, 3.0)  # [S_beta, S_alpha] of the alpha/beta grid on val
-    cache_index: str = "flat"  # flat (exact) | ivf | hnsw (approximate, top-k)
-    cache_topk: int | None = None  # neighbours for the approximate modes
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> HeadConfig fields
+    tip_scale: tuple[Annotated[float, Field(ge=0.1, le=1000)],
+                     Annotated[float, Field(ge=0.1, le=1000)]] = Field(
+        (7.0, 3.0), description="[S_beta, S_alpha] of Tip-Adapter's alpha/beta grid on val")
+    cache_index: str = Field("flat", description="flat (exact) | ivf | hnsw (approximate)")
+    cache_topk: Count | None = Field(None, description="neighbours of the approximate indexes")
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-method training settings over the defaults")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = registry.head_names()
+        for i, method in enumerate(value):
+            if method not in known:
+                raise ValueError(f"[{i}] unknown method {method!r} (known: {', '.join(known)})")
+        return value
+
+    @field_validator("cache_index")
+    @classmethod
+    def _known_index(cls, value: str) -> str:
+        return _known(value, list(registry.cache_indexes()))
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_overrides(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        fields = registry.config_fields()
+        for method, settings in value.items():
+            _known(method, list(registry.heads()))
+            for key, setting in (settings or {}).items():
+                want = fields.get(key)
+                if want is None:
+                    raise ValueError(f"{method}.{key}: unknown field (allowed: "
+                                     f"{', '.join(sorted(fields))})")
+                ok = isinstance(setting, want) or (want is float and isinstance(setting, int))
+                if not ok or isinstance(setting, bool):
+                    raise ValueError(f"{method}.{key}: expected {want.__name__}, got {setting!r}")
+        return value
 
 
-@dataclass(frozen=True)
-class Manifest:
-    path: Path
-    store: str  # local path (resolved) or fsspec URL
+class Manifest(Spec):
+    path: Path = Field(Path("data_manifest.yaml"), exclude=True)
+    store: Name = Field(description="the working store: a local path or an fsspec URL")
+    store_options: dict[str, Any] = Field(default_factory=dict,
+                                          description="fsspec storage options")
     model: ModelSpec
-    extraction: ExtractionSpec
-    datasets: tuple[DatasetSpec, ...]
-    store_options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
-    ship: ShipSpec = field(default_factory=ShipSpec)
-    heads: HeadsSpec = field(default_factory=HeadsSpec)
+    extraction: ExtractionSpec = ExtractionSpec()
+    datasets: tuple[DatasetSpec, ...] = Field(min_length=1)
+    ship: ShipSpec = ShipSpec()
+    heads: HeadsSpec = HeadsSpec()
+
+    @field_validator("store")
+    @classmethod
+    def _resolve_store(cls, value: str, info: ValidationInfo) -> str:
+        return value if is_url(value) else str((_base(info) / value).resolve())
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_names(cls, value: tuple[DatasetSpec, ...]) -> tuple[DatasetSpec, ...]:
+        names = [d.name for d in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"dataset name {name!r} is used more than once")
+        return value
 
     def dataset(self, name: str) -> DatasetSpec:
         for ds in self.datasets:
@@ -148,81 +293,31 @@ class Manifest:
         known = ", ".join(d.name for d in self.datasets)
         raise ManifestError(f"{self.path}: no dataset named {name!r} (manifest has: {known})")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["path"] = str(self.path)
-        for ds in out["datasets"]:
-            ds["root"] = str(ds["root"])
-            ds["split_file"] = None if ds["split_file"] is None else str(ds["split_file"])
-        return out
+
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema of a manifest file, for editors and validators."""
+    schema = Manifest.model_json_schema()
+    schema["properties"].pop("path", None)
+    schema["title"] = "shipyard manifest"
+    return schema
 
 
-class _Reader:
-    """Walks the parsed YAML, checking types and collecting the field path for messages."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def fail(self, where: str, message: str) -> ManifestError:
-        return ManifestError(f"{self.path}: {where}: {message}")
-
-    def mapping(self, value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(where, f"expected a mapping, got {_kind(value)}")
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise self.fail(f"{where}.{unknown[0]}" if where else unknown[0],
-                            f"unknown field (allowed: {', '.join(sorted(allowed))})")
-        return value
-
-    def required(self, data: dict[str, Any], key: str, where: str) -> Any:
-        if key not in data or data[key] is None:
-            raise self.fail(_join(where, key), "missing required field")
-        return data[key]
-
-    def string(self, value: Any, where: str) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(where, f"expected a non-empty string, got {_kind(value)}")
-        return value
-
-    def integer(self, value: Any, where: str, minimum: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.fail(where, f"expected an integer >= {minimum}, got {value!r}")
-        return value
-
-    def number(self, value: Any, where: str, lo: float, hi: float) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-            raise self.fail(where, f"expected a number in [{lo}, {hi}], got {value!r}")
-        return float(value)
-
-    def boolean(self, value: Any, where: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(where, f"expected true or false, got {value!r}")
-        return value
-
-    def choice(self, value: Any, where: str, enum: type[StrEnum]) -> Any:
-        options = [e.value for e in enum]
-        if value not in options:
-            raise self.fail(where, f"unknown value {value!r} (expected one of: {', '.join(options)})")
-        return enum(value)
-
-    def pair(self, value: Any, where: str, lo: float, hi: float,
-             ordered: bool = True) -> tuple[float, float]:
-        if not isinstance(value, list | tuple) or len(value) != 2:
-            raise self.fail(where, f"expected a list of two numbers, got {value!r}")
-        a = self.number(value[0], f"{where}[0]", lo, hi)
-        b = self.number(value[1], f"{where}[1]", lo, hi)
-        if ordered and a > b:
-            raise self.fail(where, f"expected [low, high] with low <= high, got {value!r}")
-        return (a, b)
+def _base(info: ValidationInfo) -> Path:
+    context = info.context or {}
+    return Path(context.get("base", "."))
 
 
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+def _known(value: str, known: list[str]) -> str:
+    if value not in known:
+        raise ValueError(f"unknown value {value!r} (expected one of: {', '.join(known)})")
+    return value
 
 
-def _kind(value: Any) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+def template_presets() -> dict[str, list[str]]:
+    """Named prompt templates (METHODS.md), shipped as data in pipeline/presets/templates.json."""
+    text = resources.files(__package__).joinpath("presets/templates.json").read_text("utf-8")
+    presets: dict[str, list[str]] = json.loads(text)
+    return presets
 
 
 def load_manifest(path: Path | str, store_override: str | None = None) -> Manifest:
@@ -239,198 +334,38 @@ def load_manifest(path: Path | str, store_override: str | None = None) -> Manife
 
 
 def parse_manifest(data: Any, path: Path, store_override: str | None = None) -> Manifest:
-    r = _Reader(path)
-    top = r.mapping(data, "", {"store", "store_options", "model", "extraction", "datasets", "ship",
-                               "heads"})
-    base = path.resolve().parent
-    store = store_override or r.string(r.required(top, "store", ""), "store")
-    if not is_url(store):
-        store = str((base / store).resolve()) if not Path(store).is_absolute() else store
-    options = top.get("store_options") or {}
-    if not isinstance(options, dict):
-        raise r.fail("store_options", f"expected a mapping, got {_kind(options)}")
-    model = _parse_model(r, r.required(top, "model", ""), base)
-    extraction = _parse_extraction(r, top.get("extraction") or {})
-    raw_datasets = r.required(top, "datasets", "")
-    if not isinstance(raw_datasets, list) or not raw_datasets:
-        raise r.fail("datasets", "expected a non-empty list of datasets")
-    datasets = tuple(_parse_dataset(r, d, f"datasets[{i}]", base) for i, d in enumerate(raw_datasets))
-    names = [d.name for d in datasets]
-    for name in names:
-        if names.count(name) > 1:
-            raise r.fail("datasets", f"dataset name {name!r} is used more than once")
-    ship = _parse_ship(r, top.get("ship") or {})
-    heads = _parse_heads(r, top.get("heads") or {})
-    return Manifest(path, store, model, extraction, datasets, dict(options), ship, heads)
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a mapping of manifest fields, got "
+                            f"{type(data).__name__}")
+    data = {**data, "path": path}
+    if store_override:
+        data["store"] = store_override
+    try:
+        return Manifest.model_validate(data, context={"base": path.resolve().parent})
+    except ValidationError as exc:
+        raise ManifestError(f"{path}: {describe(exc.errors()[0])}") from None
 
 
-def _parse_model(r: _Reader, raw: Any, base: Path) -> ModelSpec:
-    m = r.mapping(raw, "model", {"name", "pretrained", "precision", "init_seed"})
-    pretrained = m.get("pretrained")
-    if pretrained is not None:
-        pretrained = r.string(pretrained, "model.pretrained")
-        local = base / pretrained
-        # A tag is a bare word; anything that exists on disk (or looks like a path) is a file.
-        if local.exists() or "/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")):
-            pretrained = str(local.resolve())
-    return ModelSpec(
-        name=r.string(r.required(m, "name", "model"), "model.name"),
-        pretrained=pretrained,
-        precision=r.choice(m.get("precision", "fp32"), "model.precision", Precision),
-        init_seed=r.integer(m.get("init_seed", 0), "model.init_seed", 0),
-    )
-
-
-def _parse_heads(r: _Reader, raw: Any) -> HeadsSpec:
-    from . import registry
-
-    allowed = {"methods", "protocol", "tip_scale", "cache_index", "cache_topk", "overrides"}
-    h = r.mapping(raw, "heads", allowed)
-    d = HeadsSpec()
-    methods = h.get("methods", list(d.methods))
-    if not isinstance(methods, list) or not methods:
-        raise r.fail("heads.methods", f"expected a non-empty list of methods, got {methods!r}")
-    known = registry.head_names()
-    for i, m in enumerate(methods):
-        if not isinstance(m, str) or m not in known:
-            raise r.fail(f"heads.methods[{i}]", f"unknown method {m!r} (known: {', '.join(known)})")
-    index = h.get("cache_index", d.cache_index)
-    if index not in registry.cache_indexes():
-        raise r.fail("heads.cache_index", f"unknown index {index!r} (expected one of "
-                                          f"{', '.join(registry.cache_indexes())})")
-    topk = h.get("cache_topk")
-    if topk is not None:
-        topk = r.integer(topk, "heads.cache_topk", 1)
-    overrides = r.mapping(h.get("overrides") or {}, "heads.overrides", set(registry.heads()))
-    fields = registry.config_fields()
-    for method, values in overrides.items():
-        r.mapping(values, f"heads.overrides.{method}", set(fields))
-        for key, value in values.items():
-            want = fields[key]
-            ok = isinstance(value, want) or (want is float and isinstance(value, int))
-            if not ok or isinstance(value, bool):
-                raise r.fail(f"heads.overrides.{method}.{key}",
-                             f"expected {want.__name__}, got {value!r}")
-    return HeadsSpec(
-        methods=tuple(methods),
-        protocol=r.choice(h.get("protocol", d.protocol.value), "heads.protocol", Protocol),
-        tip_scale=r.pair(h.get("tip_scale", list(d.tip_scale)), "heads.tip_scale", 0.1, 1000.0,
-                         ordered=False),
-        cache_index=index,
-        cache_topk=topk,
-        overrides={m: dict(v) for m, v in overrides.items()},
-    )
-
-
-def _parse_ship(r: _Reader, raw: Any) -> ShipSpec:
-    allowed = {"variant", "epochs", "batch_size", "lr", "seed", "checkpoint_every", "synthesize"}
-    s = r.mapping(raw, "ship", allowed)
-    syn = r.mapping(s.get("synthesize") or {}, "ship.synthesize", {"classes", "per_class", "seed"})
-    classes = syn.get("classes", "new")
-    if isinstance(classes, str):
-        classes = [classes]
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise r.fail("ship.synthesize.classes", f"expected new, base, all or a list of class "
-                                                f"names, got {classes!r}")
-    d = ShipSpec()
-    return ShipSpec(
-        variant=r.choice(s.get("variant", d.variant.value), "ship.variant", ShipVariant),
-        epochs=r.integer(s.get("epochs", d.epochs), "ship.epochs", 1),
-        batch_size=r.integer(s.get("batch_size", d.batch_size), "ship.batch_size", 1),
-        lr=r.number(s.get("lr", d.lr), "ship.lr", 1e-8, 10.0),
-        seed=r.integer(s.get("seed", d.seed), "ship.seed", 0),
-        checkpoint_every=r.integer(s.get("checkpoint_every", 1), "ship.checkpoint_every", 1),
-        synthesize=SynthesizeSpec(
-            classes=tuple(classes),
-            per_class=r.integer(syn.get("per_class", 16), "ship.synthesize.per_class", 1),
-            seed=r.integer(syn.get("seed", 0), "ship.synthesize.seed", 0),
-        ),
-    )
-
-
-def _parse_extraction(r: _Reader, raw: Any) -> ExtractionSpec:
-    allowed = {"views", "views_for", "augment", "seed", "batch_size", "workers", "chunk_rows"}
-    e = r.mapping(raw, "extraction", allowed)
-    a = r.mapping(e.get("augment") or {}, "extraction.augment", {"scale", "ratio", "flip"})
-    default = AugmentSpec()
-    augment = AugmentSpec(
-        scale=r.pair(a.get("scale", list(default.scale)), "extraction.augment.scale", 0.0, 1.0),
-        ratio=r.pair(a.get("ratio", list(default.ratio)), "extraction.augment.ratio", 0.01, 100.0),
-        flip=r.boolean(a.get("flip", default.flip), "extraction.augment.flip"),
-    )
-    d = ExtractionSpec()
-    return ExtractionSpec(
-        views=r.integer(e.get("views", d.views), "extraction.views", 0),
-        views_for=r.choice(e.get("views_for", d.views_for.value), "extraction.views_for", ViewsFor),
-        augment=augment,
-        seed=r.integer(e.get("seed", d.seed), "extraction.seed", 0),
-        batch_size=r.integer(e.get("batch_size", d.batch_size), "extraction.batch_size", 1),
-        workers=r.integer(e.get("workers", d.workers), "extraction.workers", 1),
-        chunk_rows=r.integer(e.get("chunk_rows", d.chunk_rows), "extraction.chunk_rows", 1),
-    )
-
-
-def template_presets() -> dict[str, list[str]]:
-    """Named prompt templates (METHODS.md), shipped as data in pipeline/presets/templates.json."""
-    text = resources.files(__package__).joinpath("presets/templates.json").read_text("utf-8")
-    presets: dict[str, list[str]] = json.loads(text)
-    return presets
-
-
-def _template_preset(r: _Reader, name: str, where: str) -> list[str]:
-    presets = template_presets()
-    if name not in presets:
-        raise r.fail(where, f"unknown template preset {name!r} (known: {', '.join(sorted(presets))})")
-    return presets[name]
-
-
-def _parse_dataset(r: _Reader, raw: Any, where: str, base: Path) -> DatasetSpec:
-    allowed = {"name", "format", "root", "split_file", "split", "templates", "shots", "seeds",
-               "base_new"}
-    d = r.mapping(raw, where, allowed)
-    name = r.string(r.required(d, "name", where), f"{where}.name")
-    if not _NAME_RE.match(name):
-        raise r.fail(f"{where}.name", f"{name!r} may use only letters, digits, '_', '.', '-'")
-    fmt = r.choice(r.required(d, "format", where), f"{where}.format", DatasetFormat)
-    root = (base / r.string(r.required(d, "root", where), f"{where}.root")).resolve()
-    split_file = None
-    if fmt is DatasetFormat.COOP:
-        rel = r.string(r.required(d, "split_file", where), f"{where}.split_file")
-        split_file = (base / rel).resolve()
-    elif d.get("split_file") is not None:
-        raise r.fail(f"{where}.split_file", "only format coop reads a split file")
-    s = r.mapping(d.get("split") or {}, f"{where}.split", {"val", "test", "seed"})
-    split = ImageFolderSplit(
-        val=r.number(s.get("val", 0.1), f"{where}.split.val", 0.0, 0.9),
-        test=r.number(s.get("test", 0.5), f"{where}.split.test", 0.0, 0.9),
-        seed=r.integer(s.get("seed", 0), f"{where}.split.seed", 0),
-    )
-    if split.val + split.test >= 1.0:
-        raise r.fail(f"{where}.split", "val + test must leave some images for train")
-    templates = d.get("templates", ["a photo of a {}."])
-    if isinstance(templates, str) and templates.startswith("preset:"):
-        templates = _template_preset(r, templates.removeprefix("preset:"), f"{where}.templates")
-    elif isinstance(templates, str):
-        templates = [templates]
-    if not isinstance(templates, list) or not templates:
-        raise r.fail(f"{where}.templates", "expected a template or a non-empty list of templates")
-    for i, t in enumerate(templates):
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise r.fail(f"{where}.templates[{i}]", f"expected a string with one '{{}}', got {t!r}")
-    seeds = d.get("seeds", [1, 2, 3])
-    if not isinstance(seeds, list) or not seeds:
-        raise r.fail(f"{where}.seeds", f"expected a non-empty list of integers, got {seeds!r}")
-    base_new = d.get("base_new", "half")
-    if base_new != "half":
-        raise r.fail(f"{where}.base_new", f"unknown rule {base_new!r} (expected: half)")
-    return DatasetSpec(
-        name=name,
-        format=fmt,
-        root=root,
-        split_file=split_file,
-        split=split,
-        templates=tuple(templates),
-        shots=r.integer(d.get("shots", 16), f"{where}.shots", 1),
-        seeds=tuple(r.integer(s, f"{where}.seeds[{i}]", 0) for i, s in enumerate(seeds)),
-        base_new=base_new,
-    )
+def describe(error: Any) -> str:
+    """One pydantic error as `field.path: what is wrong, got value`."""
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    if kind == "missing":
+        return f"{loc}: missing required field"
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown field"
+    if kind == "enum":
+        names = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return f"{loc}: unknown value {value!r} (expected one of: {', '.join(names)})"
+    if kind.startswith("int_") or (kind == "greater_than_equal" and isinstance(value, int)):
+        floor = f" >= {ctx['ge']}" if "ge" in ctx else ""
+        return f"{loc}: expected an integer{floor}, got {value!r}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind != "value_error":
+        return f"{loc}: {message[0].lower()}{message[1:]}, got {value!r}"
+    if message.startswith("["):  # a list item: its index joins the field path
+        item, _, message = message.partition("] ")
+        loc += item + "]"
+    elif message.startswith("split_file: "):  # a cross-field rule of a dataset
+        loc, message = f"{loc}.split_file", message.removeprefix("split_file: ")
+    return f"{loc}: {message}" if loc else message

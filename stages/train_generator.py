@@ -20,7 +20,7 @@ def declare(slot: Slot) -> Declared:
                         batch_size=ship.batch_size, lr=ship.lr, seed=ship.seed)
     # checkpoint_every is not a parameter: a resumed run ends where an uninterrupted one does.
     return Declared(
-        params={"ship": ship_variants()[ship.variant.value].config.to_dict(),
+        params={"ship": ship_variants()[ship.variant].config.to_dict(),
                 "train": train.to_dict(), "shots": slot.spec.shots},
         inputs={"extractor": slot.extractor, "train": slot.facts.train[slot.seed]},
         deps=(slot.upstream["extract"],))

@@ -31,7 +31,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def clip() -> ClipModel:
-    return load_clip(ModelSpec("shipyard-tiny"), torch.device("cpu"))
+    return load_clip(ModelSpec(name="shipyard-tiny"), torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,27 @@ def test_verify_detects_duplicate_keys(manifest_path: Path, tmp_path: Path) -> N
     (lambda d: d.update(stores="x"), "stores: unknown field"),
     (lambda d: d["datasets"][0].update(templates=["no placeholder"]),
      "datasets[0].templates[0]: expected a string with one '{}'"),
+    (lambda d: d["datasets"][0].update(templates=["a photo of a {}.", "a {x} photo"]),
+     "datasets[0].templates[1]: expected a string with one '{}' and no other replacement field, "
+     "got 'a {x} photo'"),
+    (lambda d: d["datasets"][0].update(templates=["a {0} photo"]),
+     "datasets[0].templates[0]: expected a string with one '{}'"),
+    (lambda d: d["datasets"][0].update(templates="preset:Nope"),
+     "datasets[0].templates: unknown template preset 'Nope'"),
+    (lambda d: d["datasets"][0].update(seeds=[1, True]),
+     "datasets[0].seeds[1]: expected an integer, got True"),
+    (lambda d: d.update(ship={"variant": "huge"}),
+     "ship.variant: unknown value 'huge' (expected one of: default, imagenet)"),
+    (lambda d: d["heads"].update(methods=["zero-shot+ship"]),
+     "heads.methods[0]: unknown method 'zero-shot+ship'"),
+    (lambda d: d["heads"].update(overrides={"coop": {"epochs": "ten"}}),
+     "heads.overrides: coop.epochs: expected int, got 'ten'"),
+    (lambda d: d["heads"].update(cache_index="lsh"),
+     "heads.cache_index: unknown value 'lsh' (expected one of: flat, ivf, hnsw)"),
+    (lambda d: d["datasets"][0].pop("split_file"),
+     "datasets[0].split_file: missing required field (format coop reads one)"),
+    (lambda d: d["datasets"].append(dict(d["datasets"][0])),
+     "datasets: dataset name 'demo' is used more than once"),
 ])
 def test_bad_manifest_exits_2_with_one_line_and_writes_nothing(
         tmp_path: Path, small_demo: Path, edit: Any, message: str) -> None:
@@ -169,3 +190,26 @@ def test_seed_outside_the_manifest_exits_2(manifest_path: Path) -> None:
         result = invoke("--manifest", str(manifest_path), *command, "--seed", "7")
         assert result.exit_code == 2, (command, result.output)
         assert "dataset demo: seed 7 is not in its seeds (1, 2)" in result.stderr
+
+
+def test_manifest_schema_validates_the_shipped_manifests() -> None:
+    import jsonschema
+    import yaml
+
+    result = invoke("manifest", "schema")
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert set(schema["required"]) == {"store", "model", "datasets"}
+    assert "path" not in schema["properties"]
+    root = Path(__file__).resolve().parent.parent
+    jsonschema.validate(yaml.safe_load((root / "data_manifest.yaml").read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"store": "x", "model": {"name": "m"}, "datasets": [],
+                             "shipp": {}}, schema)
+
+
+def test_manifest_check_reads_the_split_files(manifest_path: Path, tmp_path: Path) -> None:
+    result = invoke("--manifest", str(manifest_path), "manifest", "check", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["datasets"] == {"demo": 120}
+    assert not (tmp_path / "s.zarr").exists()

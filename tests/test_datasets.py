@@ -57,7 +57,7 @@ def test_imagefolder_seeded_split(tmp_path: Path) -> None:
     for cls in ("ant", "bee_hive"):
         for i in range(10):
             _png(tmp_path / cls / f"{i}.png")
-    spec = DatasetSpec("f", DatasetFormat.IMAGEFOLDER, tmp_path,
+    spec = DatasetSpec(name="f", format=DatasetFormat.IMAGEFOLDER, root=tmp_path,
                        split=ImageFolderSplit(val=0.2, test=0.3, seed=3))
     data = read_dataset(spec)
     assert data.classnames == ("ant", "bee hive")
@@ -70,7 +70,7 @@ def test_imagefolder_with_split_folders(tmp_path: Path) -> None:
     for split in ("train", "test"):
         for cls in ("a", "b"):
             _png(tmp_path / split / cls / "x.png")
-    data = read_dataset(DatasetSpec("f", DatasetFormat.IMAGEFOLDER, tmp_path))
+    data = read_dataset(DatasetSpec(name="f", format=DatasetFormat.IMAGEFOLDER, root=tmp_path))
     assert [(r.path, r.label, r.split) for r in data.records] == [
         ("train/a/x.png", 0, Split.TRAIN), ("train/b/x.png", 1, Split.TRAIN),
         ("test/a/x.png", 0, Split.TEST), ("test/b/x.png", 1, Split.TEST)]
@@ -78,11 +78,14 @@ def test_imagefolder_with_split_folders(tmp_path: Path) -> None:
 
 def test_coop_split_file_errors(tmp_path: Path) -> None:
     split = tmp_path / "split.json"
-    spec = DatasetSpec("c", DatasetFormat.COOP, tmp_path, split_file=split)
+    spec = DatasetSpec(name="c", format=DatasetFormat.COOP, root=tmp_path, split_file=split)
     with pytest.raises(DatasetError, match="not found"):
         read_dataset(spec)
     split.write_text('{"train": [["a.png", 0, "x"], ["b.png", 2, "z"]], "test": []}')
     with pytest.raises(DatasetError, match="without gaps"):
+        read_dataset(spec)
+    split.write_text('{"train": [["a.png", 0, "tree_frog"], ["b.png", 1, "tree frog"]], "test": []}')
+    with pytest.raises(DatasetError, match="labels 0 and 1 are both named 'tree frog'"):
         read_dataset(spec)
     split.write_text('{"train": [["../a.png", 0, "x"], ["b.png", 0, "x"]], "test": []}')
     data = read_dataset(spec)

@@ -31,7 +31,7 @@ SHOTS, TEST_PER_CLASS, SYN_PER_CLASS = 16, 30, 16
 
 @pytest.fixture(scope="module")
 def planted() -> dict:
-    clip = load_clip(ModelSpec("shipyard-tiny"), torch.device("cpu"))
+    clip = load_clip(ModelSpec(name="shipyard-tiny"), torch.device("cpu"))
     enc = PromptEncoder.from_clip(clip)
     hidden = enc.context_from_text("a photo of a")
     prompts = enc.class_prompts(NAMES)

@@ -49,7 +49,7 @@ def _scores(model: ShipGenerator, names: list[str], x: torch.Tensor,
 
 
 def test_generator_synthesizes_held_out_classes() -> None:
-    clip = load_clip(ModelSpec("shipyard-tiny"), torch.device("cpu"))
+    clip = load_clip(ModelSpec(name="shipyard-tiny"), torch.device("cpu"))
     enc = PromptEncoder.from_clip(clip)
     hidden_ctx = enc.context_from_text("a photo of a")  # the planted global prompt (4, W)
     base, held_out = NAMES[:20], NAMES[20:]
