@@ -10,9 +10,6 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-import zarr
-import zarr.storage
-
 from .errors import StoreError, StoreLockedError
 
 
@@ -27,6 +24,8 @@ def first_line(exc: BaseException) -> str:
 
 
 def zarr_store(location: str, read_only: bool, options: dict[str, Any] | None) -> Any:
+    import zarr.storage  # here, not at import: `--help` and manifest checks never need zarr
+
     if is_url(location):
         if location.startswith("file://"):
             return zarr.storage.LocalStore(location.removeprefix("file://"), read_only=read_only)
