@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from shipyard.cli import app
 from shipyard.pipeline.artifacts import ADAPTER, CACHE, RUN, Ref, keys_of
 from shipyard.pipeline.store import FeatureStore
@@ -144,3 +145,44 @@ def test_train_adapter_rejects_unknown_synthetic_set(ran: dict[str, Any]) -> Non
                     "--synthetic", "f" * 64)
     assert result.exit_code == 2
     assert "adapter:demo:seed1:coop+ship: no synthetic ffffffffffff in the store" in result.stderr
+
+
+def test_status_reports_a_broken_dataset_and_still_shows_the_others(
+        ran: dict[str, Any], small_demo: Path, tmp_path: Path) -> None:
+    data = yaml.safe_load(ran["path"].read_text())
+    broken = dict(data["datasets"][0], name="broken", split_file=str(tmp_path / "missing.json"))
+    data["datasets"].append(broken)
+    path = write_manifest(tmp_path / "two.yaml", data)
+    result = invoke("--manifest", str(path), "status", "--json")
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    assert [d["name"] for d in status["datasets"]] == ["demo"]
+    assert status["datasets"][0]["stale"] == []
+    assert status["broken"][0]["name"] == "broken" and "not found" in status["broken"][0]["error"]
+    assert status["up_to_date"] is False
+    assert invoke("--manifest", str(path), "run").exit_code == 2  # run refuses, one line
+    assert invoke("--manifest", str(path), "run", "--dataset", "demo").exit_code == 0
+
+
+def test_a_deleted_report_is_stale_and_only_it_is_rewritten(ran: dict[str, Any]) -> None:
+    report = Path(ran["out"]["stages"]["evaluate"]["datasets"][0]["report"])
+    report.unlink()
+    status = json.loads(invoke("--manifest", str(ran["path"]), "status", "--json").stdout)
+    assert status["stale"] == ["report:demo"]
+    plan = json.loads(invoke("--manifest", str(ran["path"]), "run", "--dry-run", "--json").stdout)
+    assert [j["id"] for j in plan["jobs"] if j["state"] == "stale"] == ["report:demo"]
+    again = json.loads(invoke("--manifest", str(ran["path"]), "run", "--json").stdout)
+    assert [j["id"] for j in again["jobs"] if j["status"] != "up to date"] == ["report:demo"]
+    assert report.is_file()
+
+
+def test_force_recomputes_one_stage_and_reuses_the_rest(ran: dict[str, Any]) -> None:
+    again = json.loads(invoke("--manifest", str(ran["path"]), "run", "--force", "build-cache",
+                              "--json").stdout)
+    assert {j["id"] for j in again["jobs"] if j["status"] != "up to date"} == {
+        "cache:demo:seed1:tip-adapter"}
+    first = ran["out"]["stages"]["build-cache"]["caches"][0]
+    assert again["stages"]["build-cache"]["caches"][0]["cache"] == first["cache"]  # same key
+    one = json.loads(invoke("--manifest", str(ran["path"]), "train-adapter", "--method", "coop",
+                            "--force", "--json").stdout)
+    assert [a["status"] for a in one["adapters"]] == ["built"]
