@@ -21,7 +21,8 @@ import typer
 from . import cli_text
 from .pipeline import registry
 from .pipeline.errors import ShipyardError
-from .pipeline.manifest import Device, Manifest, load_manifest
+from .pipeline.manifest import Device, Manifest
+from .pipeline.manifest_files import load_manifest
 from .pipeline.progress import Progress, Task
 
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -386,7 +387,7 @@ def store_verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @manifest_app.command("schema")
 def manifest_schema() -> None:
     """Print the manifest's JSON Schema (for editors: yaml-language-server, VS Code, ...)."""
-    from .pipeline.manifest import manifest_schema as schema
+    from .pipeline.manifest_files import manifest_schema as schema
 
     typer.echo(json.dumps(schema(), indent=2))
 

@@ -22,13 +22,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shipyard.pipeline.tip import (  # noqa: E402
+from shipyard.pipeline.cache_index import (  # noqa: E402
     CacheIndex,
     cache_logits,
     default_nlist,
-    tip_logits,
     top1_agreement,
 )
+from shipyard.pipeline.tip import tip_logits  # noqa: E402
 
 
 def unit_rows(centres: torch.Tensor, shared: torch.Tensor, labels: np.ndarray, noise: float,

@@ -25,7 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shipyard.pipeline.manifest import load_manifest  # noqa: E402
+from shipyard.pipeline.manifest_files import load_manifest  # noqa: E402
 from shipyard.pipeline.models import encode_images, load_clip  # noqa: E402
 from shipyard.pipeline.preprocess import clean_view, decode  # noqa: E402
 from shipyard.stages.extract import ExtractOptions, run  # noqa: E402

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 from shipyard.pipeline.configs import ShipConfig, TrainConfig  # noqa: E402
 from shipyard.pipeline.features import FewShotSet, fewshot_set, select_labels  # noqa: E402
 from shipyard.pipeline.generator_training import make_optimizer, train_ship  # noqa: E402
-from shipyard.pipeline.manifest import AugmentSpec, load_manifest  # noqa: E402
+from shipyard.pipeline.manifest import AugmentSpec  # noqa: E402
+from shipyard.pipeline.manifest_files import load_manifest  # noqa: E402
 from shipyard.pipeline.preprocess import augmented_views, decode  # noqa: E402
 from shipyard.pipeline.ship import ShipGenerator, ship_loss  # noqa: E402
 from shipyard.pipeline.store import FeatureStore  # noqa: E402

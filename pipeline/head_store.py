@@ -14,6 +14,7 @@ import zarr
 from torch import nn
 
 from .artifacts import ADAPTER, CACHE, SYNTHETIC, Kind, Ref, record_of
+from .cache_index import CacheIndex, cache_logits
 from .configs import HeadConfig
 from .errors import UsageError
 from .head_inputs import HeadInputs
@@ -23,7 +24,6 @@ from .records import class_key
 from .rows import RowTable
 from .store import FeatureStore
 from .text_encoder import PromptEncoder
-from .tip import CacheIndex, cache_logits
 from .weights import load_tensors
 from .zarr_nodes import attrs_of, child_array, child_group, read_array
 

@@ -23,7 +23,7 @@ from ..pipeline.hashing import default_cache_dir
 from ..pipeline.identity import IdentityCache, ModelIdentity, extractor_description
 from ..pipeline.manifest import DatasetSpec, Manifest, Protocol
 from ..pipeline.progress import Progress, Silent
-from ..pipeline.registry import HeadSpec
+from ..pipeline.registry import HeadSpec, split_method
 
 if TYPE_CHECKING:  # torch-free at import: planning and status never load a model
     from ..pipeline.models import ClipModel
@@ -92,6 +92,12 @@ class Slot:
     @property
     def facts(self) -> DatasetFacts:
         return self.dataset.facts
+
+    def head(self, stage: str) -> tuple[HeadSpec, bool] | None:
+        """This slot's head method and whether it is +ship, if `stage` is the one that builds it."""
+        assert self.method is not None  # a head-scope slot
+        spec, ship = split_method(self.method)
+        return (spec, ship) if spec.stage == stage else None
 
     def head_inputs(self, head: HeadSpec, ship: bool, protocol: Protocol | None,
                     ) -> tuple[dict[str, Any], tuple[Job, ...], tuple[Ref, ...]]:

@@ -8,15 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..pipeline.artifacts import CACHE
-from ..pipeline.registry import split_method
 from .base import Declared, Outcome, Scope, Slot, Stage, Work
 
 
 def declare(slot: Slot) -> Declared | None:
-    assert slot.method is not None
-    spec, ship = split_method(slot.method)
-    if spec.stage != "build-cache":
+    mine = slot.head("build-cache")
+    if mine is None:
         return None
+    spec, ship = mine
     heads = slot.manifest.heads
     topk = slot.options.get("topk")
     params = {"head": spec.name, "index": slot.options.get("index") or heads.cache_index,
@@ -30,10 +29,11 @@ def compute(work: Work) -> Outcome:
     import numpy as np
     import torch
 
+    from ..pipeline.cache_index import CacheIndex
     from ..pipeline.head_inputs import head_inputs
     from ..pipeline.head_store import synthetic_features
     from ..pipeline.heads import cache_keys
-    from ..pipeline.tip import CacheIndex, tune_alpha_beta
+    from ..pipeline.tip import tune_alpha_beta
 
     job, env, store, group = work.job, work.env, work.store, work.group
     device = env.clip.device
@@ -67,8 +67,9 @@ def _agreement(index: Any, keys: Any, labels: Any, inputs: Any, tuned: dict[str,
     """Top-1 agreement of the approximate cache with the exact dense result on test queries."""
     import torch
 
+    from ..pipeline.cache_index import cache_logits, resolve_topk, top1_agreement
     from ..pipeline.heads import LOGIT_SCALE
-    from ..pipeline.tip import cache_logits, resolve_topk, tip_logits, top1_agreement
+    from ..pipeline.tip import tip_logits
 
     q = inputs.test.features[:2048]
     exact = tip_logits(q, keys, labels, inputs.text, tuned["alpha"], tuned["beta"], LOGIT_SCALE)

@@ -90,16 +90,7 @@ def compute_batch(works: list[Work]) -> dict[str, Any]:
     t0 = time.perf_counter()
     texts = _ensure_texts(clip, ex, works)
     timings["texts"] = time.perf_counter() - t0
-    decode_failed = {f.path: f for f in clean.failures}
-    updated, failures = [], []
-    for w, plan, (arrays, attrs, version) in zip(works, plans, tables, strict=True):
-        mine = [f.to_dict() for f in plan.failures]
-        mine += [{**decode_failed[str(plan.data.file(r))].to_dict(), "key": k.hex()}
-                 for r, k in plan.hashed() if str(plan.data.file(r)) in decode_failed]
-        failures += mine
-        record = {**w.job.record(), "key": version}
-        if store.write_dataset(plan.spec.name, version, arrays, {**attrs, "failures": mine}, record):
-            updated.append(plan.spec.name)
+    updated, failures = _write_records(works, tables, {f.path: f for f in clean.failures})
     distinct = {k for p in plans for _, k in p.hashed()}
     return {
         "stage": "extract", "extractor": ex.fp, "store": store.location,
@@ -113,6 +104,24 @@ def compute_batch(works: list[Work]) -> dict[str, Any]:
         "model_seconds": round(clean.model_seconds, 3),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+
+
+def _write_records(works: list[Work], tables: list[Any],
+                   decode_failed: dict[str, Any]) -> tuple[list[str], list[dict[str, str]]]:
+    """Store each dataset's records (a new version only if they changed) with its failures;
+    a decode failure carries the image key, so the same bytes are not retried by the plan."""
+    updated, failures = [], []
+    for w, (arrays, attrs, version) in zip(works, tables, strict=True):
+        plan = w.job.detail.plan
+        mine = [f.to_dict() for f in plan.failures]
+        mine += [{**decode_failed[str(plan.data.file(r))].to_dict(), "key": k.hex()}
+                 for r, k in plan.hashed() if str(plan.data.file(r)) in decode_failed]
+        failures += mine
+        record = {**w.job.record(), "key": version}
+        if w.store.write_dataset(plan.spec.name, version, arrays, {**attrs, "failures": mine},
+                                 record):
+            updated.append(plan.spec.name)
+    return updated, failures
 
 
 def compute(work: Work) -> Outcome:

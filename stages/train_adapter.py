@@ -9,18 +9,18 @@ from typing import Any
 
 from ..pipeline.artifacts import ADAPTER
 from ..pipeline.manifest import Protocol
-from ..pipeline.registry import head_config, split_method
+from ..pipeline.registry import head_config
 from .base import Declared, Outcome, Scope, Slot, Stage, Work
 
 
 def declare(slot: Slot) -> Declared | None:
-    assert slot.method is not None
-    spec, ship = split_method(slot.method)
-    if spec.stage != "train-adapter":
+    mine = slot.head("train-adapter")
+    if mine is None:
         return None
+    spec, ship = mine
     heads = slot.manifest.heads
     params: dict[str, Any] = {"head": spec.name, "mix": spec.ship if ship else None,
-                              "config": head_config(slot.method, heads.overrides).to_dict(),
+                              "config": head_config(spec.name, heads.overrides).to_dict(),
                               "protocol": heads.protocol.value}
     if spec.reads_val:
         params["tip_scale"] = list(heads.tip_scale)

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from shipyard.pipeline.manifest import Manifest, ModelSpec, load_manifest
+from shipyard.pipeline.manifest import Manifest, ModelSpec
+from shipyard.pipeline.manifest_files import load_manifest
 from shipyard.pipeline.models import ClipModel, load_clip
 from shipyard.pipeline.text_encoder import PromptEncoder
 

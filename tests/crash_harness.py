@@ -27,7 +27,8 @@ import yaml
 import zarr
 import zarr.storage
 from shipyard.pipeline.audit import verify
-from shipyard.pipeline.manifest import Manifest, load_manifest
+from shipyard.pipeline.manifest import Manifest
+from shipyard.pipeline.manifest_files import load_manifest
 from shipyard.pipeline.store import FeatureStore
 
 from tests.conftest import make_small_demo, manifest_dict, run_stage, write_manifest

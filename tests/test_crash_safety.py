@@ -28,7 +28,7 @@ def slow(clip, batch):
     time.sleep(0.15)
     return real(clip, batch)
 ex.encode_images = slow
-from shipyard.pipeline.manifest import load_manifest
+from shipyard.pipeline.manifest_files import load_manifest
 from tests.conftest import run_stage
 run_stage(load_manifest(sys.argv[1]), "extract")
 """

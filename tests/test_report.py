@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 from shipyard.pipeline.errors import UsageError
-from shipyard.pipeline.report import pca_2d, render_report, write_report
+from shipyard.pipeline.report import render_report, write_report
+from shipyard.pipeline.report_charts import pca_2d
 
 NASTY = '<b>&"'
 

@@ -9,17 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from shipyard.pipeline.cache_index import CacheIndex, agreement_report, cache_logits, top1_agreement
 from shipyard.pipeline.errors import UsageError
 from shipyard.pipeline.tip import (
-    CacheIndex,
-    agreement_report,
-    cache_logits,
     search_alpha_beta,
     search_grid,
     tip_logits,
     tip_logits_sparse,
     tip_scales,
-    top1_agreement,
 )
 
 D, C = 64, 20

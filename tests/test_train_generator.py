@@ -77,7 +77,7 @@ def slow(group, state):
     real(group, state)
     time.sleep(0.3)
 gens.save_checkpoint = slow
-from shipyard.pipeline.manifest import load_manifest
+from shipyard.pipeline.manifest_files import load_manifest
 from tests.conftest import run_stage
 run_stage(load_manifest(sys.argv[1]), "train-generator", seeds=(1,))
 """
