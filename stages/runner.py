@@ -19,7 +19,7 @@ from ..pipeline.errors import ShipyardError, UsageError
 from ..pipeline.records import text_key
 from ..pipeline.store import FeatureStore
 from . import build_cache, evaluate, extract, report, synthesize, train_adapter, train_generator
-from .base import Environment, Job, Slot, Stage, Work
+from .base import Environment, Job, Scope, Slot, Stage, Work, make_job
 
 # The pipeline, in execution order. A stage joins by being listed here.
 STAGES: tuple[Stage, ...] = (extract.STAGE, train_generator.STAGE, synthesize.STAGE,
@@ -92,30 +92,33 @@ def build_plan(env: Environment, store: FeatureStore | None, request: Request) -
 
 
 def _plan_dataset_jobs(plan: Plan, base: Slot, methods: tuple[str, ...]) -> None:
-    extract_job = _add(plan, extract.STAGE, base)
-    assert extract_job is not None
-    heads: dict[str, list[Job | None]] = {m: [] for m in methods}
-    first: dict[str, Job] = {}
-    for seed in base.seeds:
-        s = replace(base, seed=seed, upstream={"extract": extract_job})
-        for stage in (train_generator.STAGE, synthesize.STAGE):
-            job = _add(plan, stage, s)
+    """Declare every stage's jobs for one dataset, in pipeline order, by scope: a dataset-scope
+    job sees the dataset's jobs so far, the heads of every seed and the first seed's jobs (what
+    a report draws); a seed- or head-scope job sees the dataset's jobs and its seed's."""
+    shared: dict[str, Job] = {}
+    per_seed: dict[int, dict[str, Job]] = {seed: {} for seed in base.seeds}
+    heads: dict[str, list[Job | None]] = {m: [None] * len(base.seeds) for m in methods}
+    for stage in STAGES:
+        if stage.scope is Scope.DATASET:
+            first = per_seed[base.seeds[0]] if base.seeds else {}
+            job = _add(plan, stage, replace(base, heads=heads, upstream={**first, **shared}))
             if job is not None:
-                s.upstream[stage.name] = job
-        for method in methods:
-            head = replace(s, method=method, upstream=dict(s.upstream))
-            heads[method].append(_add(plan, train_adapter.STAGE, head)
-                                 or _add(plan, build_cache.STAGE, head))
-        first = first or dict(s.upstream)
-    run = _add(plan, evaluate.STAGE, replace(base, heads=heads, upstream={"extract": extract_job}))
-    assert run is not None
-    upstream = {"evaluate": run, **{k: v for k, v in first.items() if k != "extract"}}
-    _add(plan, report.STAGE, replace(base, heads=heads, upstream=upstream))
+                shared[stage.name] = job
+            continue
+        for i, seed in enumerate(base.seeds):
+            upstream = {**shared, **per_seed[seed]}
+            if stage.scope is Scope.SEED:
+                job = _add(plan, stage, replace(base, seed=seed, upstream=upstream))
+                if job is not None:
+                    per_seed[seed][stage.name] = job
+                continue
+            for method in methods:  # a head is built by the one stage its registry entry names
+                if heads[method][i] is None:
+                    heads[method][i] = _add(plan, stage, replace(base, seed=seed, method=method,
+                                                                 upstream=dict(upstream)))
 
 
 def _add(plan: Plan, stage: Stage, slot: Slot) -> Job | None:
-    from .base import make_job
-
     declared = stage.declare(slot)
     if declared is None:
         return None
