@@ -117,6 +117,9 @@ MATRIX: dict[str, tuple[Callable[[Path, dict[str, Any]], None], set[str]]] = {
                           "adapter:demo:seed1:tip-adapter-f+ship", *EVAL}),
     "tip_scale": (_set("heads.tip_scale", [5, 2]), {*READS_VAL, *EVAL}),
     "cache_index": (_set("heads.cache_index", "ivf"), {"cache:demo:seed1:tip-adapter", *EVAL}),
+    "cache_topk": (_set("heads.cache_topk", 8), {"cache:demo:seed1:tip-adapter", *EVAL}),
+    "coop batch_size": (_set("heads.overrides.coop.batch_size", 16),
+                        {"adapter:demo:seed1:coop", "adapter:demo:seed1:coop+ship", *EVAL}),
     "protocol": (_set("heads.protocol", "paper"), {*seed_jobs(1, ship=False, cache=False), *EVAL}),
     # ship
     "ship epochs": (_set("ship.epochs", 3), SHIP_SIDE),
