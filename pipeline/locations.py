@@ -3,7 +3,6 @@ the writer lock beside local stores, and the sweep of a killed writer's temporar
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 from contextlib import suppress
@@ -66,27 +65,25 @@ def sweep_partials(location: str) -> None:
 
 
 def take_lock(location: str) -> Any | None:
-    """An exclusive flock on `<store>.lock` for local stores; object stores rely on one writer."""
+    """The writer's exclusive lock on `<store>.lock`, beside the store's real path: two writers of
+    one store exclude each other whichever path (relative, absolute, through a symlink) they
+    name it by. Object stores have no lock and rely on one writer."""
+    from filelock import FileLock, Timeout
+
     if is_url(location) and not location.startswith("file://"):
         return None
-    path = Path(location.removeprefix("file://"))
+    path = Path(location.removeprefix("file://")).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(f"{path}.lock", "a+")  # noqa: SIM115 - held for the store's lifetime
+    lock = FileLock(f"{path}.lock", timeout=0)
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
+        lock.acquire()
+    except Timeout:
         raise StoreLockedError(f"{location} is being written by another process "
                                f"(lock {path}.lock)") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
+    return lock
 
 
 def release_lock(lock: Any | None) -> None:
     if lock is not None:
         with suppress(OSError):
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-        lock.close()
+            lock.release()

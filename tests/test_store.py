@@ -84,6 +84,22 @@ def test_one_writer_at_a_time(tmp_path: Path) -> None:
     FeatureStore.open(str(tmp_path / "s.zarr"), read_only=False).close()
 
 
+def test_one_writer_whichever_path_names_the_store(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tmp_path / "real" / "s.zarr"
+    first = FeatureStore.open(str(real), read_only=False, create=True)
+    (tmp_path / "link.zarr").symlink_to(real, target_is_directory=True)
+    (tmp_path / "linked_parent").symlink_to(tmp_path / "real", target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "real")
+    for other in (tmp_path / "link.zarr", tmp_path / "linked_parent" / "s.zarr", Path("s.zarr"),
+                  Path("../real/./s.zarr")):
+        with pytest.raises(StoreLockedError, match="being written by another process"):
+            FeatureStore.open(str(other), read_only=False)
+    first.close()
+    FeatureStore.open(str(tmp_path / "link.zarr"), read_only=False).close()
+    assert not (tmp_path / "link.zarr.lock").exists()  # the lock sits beside the real store
+
+
 def test_missing_or_foreign_store(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no shipyard store"):
         FeatureStore.open(str(tmp_path / "none.zarr"))
