@@ -18,6 +18,7 @@ import zarr
 from . import __version__
 from .errors import StoreError, StoreReadOnlyError
 from .fingerprint import fingerprint
+from .locations import refuse_links
 from .zarr_nodes import attrs_of, child_group, utcnow
 
 
@@ -142,6 +143,7 @@ def begin(root: zarr.Group, ref: Ref, record: dict[str, Any], read_only: bool,
         return Draft(ref, found, True, record)
     parent_path, _, name = ref.path.rpartition("/")
     parent = _ensure(root, parent_path)
+    refuse_links(root, ref.path)  # what is replaced must lie inside the store, link-free
     group = parent.create_group(name, overwrite=True, attributes={
         "kind": ref.kind.name, "key": ref.key, "record": record, "complete": False})
     return Draft(ref, group, False, record)

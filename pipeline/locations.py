@@ -87,3 +87,23 @@ def release_lock(lock: Any | None) -> None:
     if lock is not None:
         with suppress(OSError):
             lock.release()
+
+
+def refuse_links(root: Any, path: str) -> None:
+    """Before a writer replaces `path` of a local store: refuse if it, or anything under it, is a
+    symbolic link, or if it resolves outside the store. A writer never follows a link out."""
+    base = getattr(getattr(root, "store", None), "root", None)  # a LocalStore's folder
+    if base is None:
+        return
+    base = Path(base)
+    target = base / path
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.resolve().is_relative_to(base.resolve()):
+        raise StoreError(f"{target}: a symbolic link or a path outside the store; a writer "
+                         "replaces nothing there (remove the link, then run `shipyard store verify`)")
+    for folder, dirs, files in os.walk(target, followlinks=False):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(folder, name)):
+                raise StoreError(f"{os.path.join(folder, name)}: a symbolic link inside the store; "
+                                 "a writer replaces nothing through it (remove the link)")

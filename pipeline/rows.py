@@ -40,6 +40,18 @@ class RowTable:
         """Committed rows: the only rows a reader may trust."""
         return int(attrs_of(self.group)["rows"])
 
+    def check(self) -> int:
+        """The committed row count, refused unless every array holds at least that many rows:
+        a table whose count runs past its data is damaged, and nothing may be read from or
+        written onto it as if it were not."""
+        rows = self.rows
+        for name in ["keys", *self.columns]:
+            stored = self.array(name).shape[0]
+            if not 0 <= rows <= stored:
+                raise StoreError(f"{self.group.path}: {rows} rows committed but {name} holds "
+                                 f"{stored}; the table is damaged (run `shipyard store verify`)")
+        return rows
+
     @property
     def chunk_rows(self) -> int:
         return int(attrs_of(self.group)["chunk_rows"])
@@ -59,6 +71,7 @@ class RowTable:
         callers must not modify it."""
         rows = self.rows
         if self._index is None or self._index[0] != rows:
+            rows = self.check()
             keys = read_array(self.array("keys"), 0, rows)
             self._index = (rows, {keys[i].tobytes(): i for i in range(len(keys))})
         return self._index[1]
@@ -90,7 +103,7 @@ class RowWriter:
     def __init__(self, table: RowTable) -> None:
         self.table = table
         self.chunk = table.chunk_rows
-        self.start = table.rows
+        self.start = table.check()  # never append onto a table whose count is broken
         self.written = 0
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._buffered = 0

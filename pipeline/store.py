@@ -20,6 +20,7 @@ from .errors import ExtractorMismatchError, StoreError, StoreReadOnlyError
 from .fingerprint import fingerprint
 from .locations import (
     first_line,
+    refuse_links,
     release_lock,
     store_exists,
     sweep_partials,
@@ -139,6 +140,7 @@ class FeatureStore:
         if self.has_extractor(fp):
             return self.extractor(fp)
         groups = self._group("extractors")
+        refuse_links(self.root, f"extractors/{fp}")
         group = groups.create_group(fp, overwrite=True, attributes={
             "fp": fp, "fingerprint": description, "dim": dim, "views": views, "created": utcnow()})
         RowTable.create(group, "images", {"features": ((dim,), "float16")}, chunk_rows)
@@ -151,7 +153,9 @@ class FeatureStore:
 
     # -- datasets --------------------------------------------------------------------------------
     def dataset_names(self) -> list[str]:
-        return sorted(self._group("datasets").group_keys())
+        """Datasets with a committed records version (one still being written is not one yet)."""
+        return sorted(n for n in self._group("datasets").group_keys()
+                      if self.dataset_version(n) is not None)
 
     def dataset_version(self, name: str) -> str | None:
         groups = self._group("datasets")

@@ -120,3 +120,17 @@ def test_extractor_group_is_named_by_its_description(tmp_path: Path) -> None:
     assert ex.view_table.chunk_rows == 4  # about as many values per chunk as the images table
     assert store.create_extractor(fingerprint(desc), desc, 4, 2, 8).fp == ex.fp  # reopened
     store.close()
+
+
+def test_a_count_past_the_data_is_refused_not_written_onto(tmp_path: Path) -> None:
+    store, table = _table(tmp_path)
+    writer = table.writer()
+    writer.add(np.ones((8, 32), np.uint8), features=np.ones((8, 4), np.float16))
+    writer.flush()
+    table.group.attrs["rows"] = 9  # one row more than the arrays hold
+    with pytest.raises(StoreError, match=r"9 rows committed but keys holds 8.*store verify"):
+        table.writer()
+    with pytest.raises(StoreError, match="damaged"):
+        table.index()
+    assert table.array("keys").shape[0] == 8  # nothing was written
+    store.close()

@@ -1,0 +1,92 @@
+"""Broken and crafted stores: every command fails in one line with the right exit code, and
+nothing committed is harmed (nor anything outside the store)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+from shipyard.cli import app
+from typer.testing import CliRunner
+
+from tests.conftest import manifest_dict, write_manifest
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture
+def evaluated(tmp_path: Path, small_demo: Path) -> dict[str, Any]:
+    """A store with features, records and a zero-shot run."""
+    path = write_manifest(tmp_path / "m.yaml", manifest_dict(small_demo, tmp_path / "s.zarr"))
+    result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
+    assert result.exit_code == 0, result.output
+    return {"path": path, "store": tmp_path / "s.zarr", "run": json.loads(result.stdout)}
+
+
+def _one_line(result: Any, code: int, fragment: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == code, result.output
+    assert len(lines) == 1 and fragment in lines[0], lines
+    assert "Traceback" not in result.output
+
+
+def _images(store: Path) -> zarr.Group:
+    root = zarr.open_group(zarr.storage.LocalStore(store), mode="r+")
+    fp = next(iter(root["extractors"].group_keys()))
+    group = root[f"extractors/{fp}/images"]
+    assert isinstance(group, zarr.Group)
+    return group
+
+
+def test_a_row_count_past_the_data_is_refused_and_nothing_is_written(
+        evaluated: dict[str, Any], small_demo: Path) -> None:
+    images = _images(evaluated["store"])
+    rows = int(images.attrs["rows"])  # type: ignore[arg-type]
+    keys_before = np.asarray(images["keys"][...])
+    images.attrs["rows"] = rows + 3
+    extra = next(iter((small_demo / "images").rglob("*.png")))
+    shutil.copy2(extra, extra.with_name("new_image.png"))  # work for extract to do
+    split = json.loads((small_demo / "split.json").read_text())
+    split["train"].append([str(extra.with_name("new_image.png").relative_to(small_demo / "images")),
+                           split["train"][0][1], split["train"][0][2]])
+    (small_demo / "split.json").write_text(json.dumps(split))
+    result = invoke("--manifest", str(evaluated["path"]), "extract")
+    _one_line(result, 1, f"{rows + 3} rows committed but keys holds {rows}")
+    assert "store verify" in result.stderr
+    np.testing.assert_array_equal(np.asarray(images["keys"][...]), keys_before)
+
+
+@pytest.mark.parametrize("linked", ["runs", "runs/<key>"])
+def test_a_symlinked_group_is_never_followed_out_of_the_store(
+        evaluated: dict[str, Any], tmp_path: Path, linked: str) -> None:
+    run_key = evaluated["run"]["stages"]["evaluate"]["datasets"][0]["run"]
+    path = evaluated["store"] / linked.replace("<key>", run_key)
+    outside = tmp_path / "outside" / path.name
+    shutil.copytree(path, outside)  # the store's group now lives elsewhere, behind a link
+    (outside / "precious.txt").write_text("keep me")
+    shutil.rmtree(path)
+    path.symlink_to(outside, target_is_directory=True)
+    result = invoke("--manifest", str(evaluated["path"]), "evaluate", "--force")
+    _one_line(result, 1, "a symbolic link")
+    assert (outside / "precious.txt").read_text() == "keep me"
+
+
+def test_readers_see_only_committed_state(evaluated: dict[str, Any]) -> None:
+    root = zarr.open_group(zarr.storage.LocalStore(evaluated["store"]), mode="r+")
+    root.create_group("datasets/half")  # a dataset killed before its first commit
+    half = root.create_group(f"extractors/{'0' * 64}", attributes={"fp": "0" * 64})
+    half.create_group("images")  # an extractor killed while laying out its tables
+    result = invoke("--store", str(evaluated["store"]), "store", "info", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert [d["name"] for d in info["datasets"]] == ["demo"]
+    assert len(info["extractors"]) == 1
+    status = invoke("--manifest", str(evaluated["path"]), "status", "--json")
+    assert status.exit_code == 0 and json.loads(status.stdout)["stale"] == []
