@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import zarr
 
-from .artifacts import FOLDER_KINDS, keys_of
+from .artifacts import CACHE, FOLDER_KINDS, SYNTHETIC, Kind, Ref, keys_of, record_of
+from .errors import StoreError
 from .fingerprint import fingerprint
 from .records import Extractor, text_key
 from .rows import RowTable
 from .store import FeatureStore
-from .zarr_nodes import attrs_of, child_array, child_group, read_array
+from .zarr_nodes import attrs_of, child_array, child_group, read_sealed, require_unit_rows
 
 # Stored features are L2-normalized before the cast to float16; their norms stay within this.
 NORM_TOLERANCE = 1e-2
@@ -78,10 +80,41 @@ def verify(store: FeatureStore) -> Verification:
             _check_table(ex.view_table, f"{where}/views", result)
         _check_texts(ex, where, result)
         result.count("extractors")
+    have = [set(store.extractor(fp).images.index()) for fp in store.extractor_fps()]
     for name in store.dataset_names():
-        _check_dataset(store, name, result)
+        _check_dataset(store, name, have, result)
         result.count("datasets")
+    for kind in FOLDER_KINDS:
+        for key in keys_of(store.root, kind):
+            _check_artifact(store, kind, key, result)
     return result
+
+
+def _check_artifact(store: FeatureStore, kind: Kind, key: str, result: Verification) -> None:
+    """A committed artefact: named by its key, every sealed array matching its digest, and the
+    invariants of its kind (rows unit-norm, labels within the class list, one label per key)."""
+    where = f"{kind.folder}/{key[:12]}"
+    group = store.lookup(Ref.of(kind, key))
+    if group is None:
+        return  # interrupted before its commit: invisible to readers, replaced when next built
+    if record_of(group).get("key") != key:
+        result.problems.append(f"{where}: its record names another key")
+    try:
+        for _path, arr in group.members(max_depth=None):
+            if isinstance(arr, zarr.Array):
+                read_sealed(arr)
+        if kind is SYNTHETIC and "classes" in group:
+            _check_table(RowTable(child_group(group, "classes"), read_only=True),
+                         f"{where}/classes", result)
+        if kind is CACHE:
+            n, labels = child_array(group, "keys").shape[0], read_sealed(child_array(group, "labels"))
+            classes = len(attrs_of(group).get("classnames", []))
+            if len(labels) != n or (n and not 0 <= labels.min() <= labels.max() < classes):
+                result.problems.append(f"{where}: {len(labels)} labels for {n} keys, or labels "
+                                       f"outside its {classes} classes")
+    except StoreError as exc:
+        result.problems.append(f"{where}: {exc}")
+    result.count("artifacts")
 
 
 def _check_table(table: RowTable, where: str, result: Verification) -> None:
@@ -124,14 +157,20 @@ def _check_texts(ex: Extractor, where: str, result: Verification) -> None:
         expected = text_key(ex.fp, params.get("template", ""), tuple(params.get("classnames", [])))
         if expected != key:
             result.problems.append(f"{where}/texts/{key[:12]}: key does not match its content")
-        feats = read_array(child_array(sub, "features")).astype(np.float32)
-        if feats.shape != (len(params.get("classnames", [])), ex.dim) or \
-                not np.isfinite(feats).all():
-            result.problems.append(f"{where}/texts/{key[:12]}: wrong shape or non-finite values")
+        try:
+            feats = require_unit_rows(read_sealed(child_array(sub, "features")),
+                                      f"{where}/texts/{key[:12]}")
+        except StoreError as exc:
+            result.problems.append(str(exc))
+            continue
+        if feats.shape != (len(params.get("classnames", [])), ex.dim):
+            result.problems.append(f"{where}/texts/{key[:12]}: {feats.shape} features for "
+                                   f"{len(params.get('classnames', []))} classes of width {ex.dim}")
         result.count("text_sets")
 
 
-def _check_dataset(store: FeatureStore, name: str, result: Verification) -> None:
+def _check_dataset(store: FeatureStore, name: str, have: list[set[bytes]],
+                   result: Verification) -> None:
     where = f"datasets/{name}"
     try:
         ds = store.dataset(name)
@@ -149,6 +188,10 @@ def _check_dataset(store: FeatureStore, name: str, result: Verification) -> None
         result.problems.append(f"{where}: path offsets are inconsistent")
     if n and (labels.min() < 0 or labels.max() >= len(ds.classnames)):
         result.problems.append(f"{where}: labels outside the class list")
+    image_keys = ds.keys()  # (R, 32)
+    orphans = sum(not any(k.tobytes() in h for h in have) for k in image_keys)
+    if orphans:
+        result.problems.append(f"{where}: {orphans} records name images no extractor has")
     for seed in ds.attrs["seeds"]:
         key = f"fewshot_k{ds.attrs['shots']}_seed{seed}"
         try:

@@ -14,6 +14,7 @@ from .dataset_plan import relabel, subset_key
 from .errors import StoreError, UsageError
 from .records import Extractor
 from .store import FeatureStore
+from .zarr_nodes import require_unit_rows
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _gather(index: dict[bytes, int], keys: np.ndarray, extractor: Extractor, tab
                          f"extractor {extractor.fp[:12]} (run `shipyard extract`)")
     rows = np.array([index[k.tobytes()] for k in keys], dtype=np.int64)
     source = extractor.images if table == "images" else extractor.view_table
-    return source.read("features", rows)
+    return require_unit_rows(source.read("features", rows), f"extractor {extractor.fp[:12]} {table}")
 
 
 def _unit(features: np.ndarray, device: torch.device) -> torch.Tensor:

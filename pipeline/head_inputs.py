@@ -19,6 +19,7 @@ from .heads import zero_shot_weights
 from .manifest import DatasetSpec
 from .records import Extractor
 from .store import FeatureStore
+from .zarr_nodes import require_unit_rows
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ def split_features(store: FeatureStore, ex: Extractor, dataset: str, split: Spli
     if missing:
         raise StoreError(f"dataset {dataset}: {missing} {split.name.lower()} images have no "
                          f"features in extractor {ex.fp[:12]} (run `shipyard extract`)")
-    feats = ex.images.read("features", np.array([index[k.tobytes()] for k in keys], np.int64))
+    feats = require_unit_rows(
+        ex.images.read("features", np.array([index[k.tobytes()] for k in keys], np.int64)),
+        f"extractor {ex.fp[:12]} images")
     labels = ds.labels()[rows]
     return SplitFeatures(F.normalize(torch.from_numpy(feats.astype(np.float32)), dim=-1).to(device),
                          torch.from_numpy(labels.astype(np.int64)).to(device),

@@ -25,7 +25,7 @@ from .rows import RowTable
 from .store import FeatureStore
 from .text_encoder import PromptEncoder
 from .weights import load_tensors
-from .zarr_nodes import attrs_of, child_array, child_group, read_array
+from .zarr_nodes import attrs_of, child_array, child_group, read_sealed, require_unit_rows
 
 
 def read_synthetic(store: FeatureStore, key: str, classnames: list[str]) -> dict[str, np.ndarray]:
@@ -38,6 +38,7 @@ def read_synthetic(store: FeatureStore, key: str, classnames: list[str]) -> dict
     index = table.index()
     present = [c for c in classnames if class_key(c) in index]
     feats = table.read("features", np.array([index[class_key(c)] for c in present], np.int64))
+    require_unit_rows(feats, f"synthetic set {key[:12]}")
     return dict(zip(present, feats, strict=True))
 
 
@@ -124,9 +125,10 @@ class CachedTip(nn.Module):
 def load_cache(store: FeatureStore, key: str, extractor: str, inputs: HeadInputs) -> CachedTip:
     group = stored_head(store, CACHE, key, extractor, inputs)
     attrs = attrs_of(group)
-    index = CacheIndex.from_bytes(read_array(child_array(group, "index")))
-    return CachedTip(index, read_array(child_array(group, "labels")), inputs.text,
-                     float(attrs["alpha"]), float(attrs["beta"]), record_of(group)["params"]["topk"])
+    labels = read_sealed(child_array(group, "labels"))
+    index = CacheIndex.from_bytes(read_sealed(child_array(group, "index")))
+    return CachedTip(index, labels, inputs.text, float(attrs["alpha"]), float(attrs["beta"]),
+                     record_of(group)["params"]["topk"])
 
 
 def head_log(group: zarr.Group | None) -> list[dict[str, Any]]:

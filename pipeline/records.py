@@ -14,7 +14,7 @@ import zarr
 from .artifacts import TEXT_SET, Ref, artifact_key, begin, commit, lookup
 from .errors import ExtractorMismatchError, StoreError
 from .rows import RowTable
-from .zarr_nodes import attrs_of, child_array, child_group, read_array
+from .zarr_nodes import attrs_of, child_array, child_group, read_sealed, require_unit_rows, write_sealed
 
 
 def class_key(name: str) -> bytes:
@@ -76,7 +76,12 @@ class Extractor:
         group = lookup(self.root, Ref.text_set(self.fp, key))
         if group is None:
             return None
-        return TextFeatures(template, classnames, read_array(child_array(group, "features")), key)
+        features = require_unit_rows(read_sealed(child_array(group, "features")),
+                                     f"text set {key[:12]}")
+        if features.shape[0] != len(classnames):
+            raise StoreError(f"text set {key[:12]}: {features.shape[0]} rows for "
+                             f"{len(classnames)} classes; run `shipyard store verify`")
+        return TextFeatures(template, classnames, features, key)
 
     def text_groups(self) -> list[str]:
         return sorted(child_group(self.group, "texts").group_keys())
@@ -87,8 +92,8 @@ class Extractor:
                   "params": {"template": template, "classnames": list(classnames)},
                   "inputs": {"extractor": self.fp}}
         draft = begin(self.root, Ref.text_set(self.fp, key), record, self.read_only)
-        draft.group.create_array("features", data=features.astype(np.float16),
-                                 chunks=(max(1, len(features)), features.shape[1]))
+        write_sealed(draft.group, "features", features.astype(np.float16),
+                     chunks=(max(1, len(features)), features.shape[1]))
         commit(self.root, draft, {})
         return key
 
@@ -105,7 +110,7 @@ class StoredDataset:
         return int(self.array("labels").shape[0])
 
     def array(self, name: str) -> np.ndarray:
-        return read_array(child_array(self.group, name))
+        return read_sealed(child_array(self.group, name))
 
     @property
     def classnames(self) -> tuple[str, ...]:

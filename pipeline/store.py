@@ -29,7 +29,7 @@ from .locations import (
 )
 from .records import Extractor, StoredDataset
 from .rows import RowTable
-from .zarr_nodes import attrs_of, child_group, utcnow
+from .zarr_nodes import attrs_of, child_group, utcnow, write_sealed
 
 STORE_FORMAT = 1
 TOP_GROUPS = ("extractors", "datasets")
@@ -183,7 +183,7 @@ class FeatureStore:
             return False
         draft = self.begin(ref, record)
         for key, value in arrays.items():
-            draft.group.create_array(key, data=value, chunks=_record_chunks(value))
+            write_sealed(draft.group, key, value, chunks=_record_chunks(value))
         self.commit(draft, attrs)  # moves datasets/<name>.current to this version, last
         return True
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import zarr
 
-from .zarr_nodes import attrs_of, child_array, child_group, read_array
+from .zarr_nodes import attrs_of, child_array, child_group, read_sealed, write_sealed
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64",
            torch.uint8: "uint8", torch.int32: "int32", torch.float64: "float64"}
@@ -34,9 +34,9 @@ def save_tensors(parent: zarr.Group, name: str, tensors: Mapping[str, torch.Tens
         data = t.numpy()
         # Uncompressed: trained float32 weights barely compress and checkpoints are on the
         # training loop's clock.
-        group.create_array(_name(key), data=data.reshape(data.shape or (1,)),
-                           chunks=data.shape or (1,), compressors=None,
-                           attributes={"shape": list(data.shape)})  # restores 0-d tensors
+        write_sealed(group, _name(key), data.reshape(data.shape or (1,)),
+                     chunks=data.shape or (1,), compressors=None,
+                     attributes={"shape": list(data.shape)})  # restores 0-d tensors
     return group
 
 
@@ -47,7 +47,7 @@ def load_tensors(parent: zarr.Group, name: str,
     for key in group.attrs["keys"]:  # type: ignore[union-attr]
         arr = child_array(group, _name(str(key)))
         shape = tuple(arr.attrs["shape"])  # type: ignore[arg-type]
-        out[str(key)] = torch.from_numpy(np.asarray(arr[...]).reshape(shape)).to(device)
+        out[str(key)] = torch.from_numpy(read_sealed(arr).reshape(shape)).to(device)
     return out
 
 
@@ -97,14 +97,14 @@ def pack_tensors(parent: zarr.Group, name: str, tensors: Mapping[str, torch.Tens
     group = parent.create_group(name, overwrite=True, attributes={"index": index})
     for dtype, parts in flat.items():
         data = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-        group.create_array(dtype, data=data, chunks=(max(1, data.size),), compressors=None)
+        write_sealed(group, dtype, data, chunks=(max(1, data.size),), compressors=None)
 
 
 def unpack_tensors(parent: zarr.Group, name: str,
                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     group = child_group(parent, name)
     index: dict[str, list[Any]] = dict(attrs_of(group)["index"])
-    arrays = {dtype: read_array(child_array(group, dtype)) for dtype in {v[0] for v in index.values()}}
+    arrays = {dtype: read_sealed(child_array(group, dtype)) for dtype in {v[0] for v in index.values()}}
     out: dict[str, torch.Tensor] = {}
     for key, (dtype, offset, shape) in index.items():
         size = int(np.prod(shape)) if shape else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -35,3 +36,38 @@ def child_group(group: zarr.Group, name: str) -> zarr.Group:
 
 def read_array(arr: zarr.Array, start: int = 0, stop: int | None = None) -> np.ndarray:
     return np.asarray(arr[start:stop])
+
+
+def digest(data: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes: what a sealed array must read back as."""
+    h = hashlib.sha256(f"{data.dtype.str}|{tuple(data.shape)}|".encode())
+    h.update(np.ascontiguousarray(data).tobytes())
+    return h.hexdigest()
+
+
+def write_sealed(group: zarr.Group, name: str, data: np.ndarray, **kwargs: Any) -> zarr.Array:
+    """An array written whole, with the digest of its content in its attributes."""
+    attributes = {**kwargs.pop("attributes", {}), "sha256": digest(data)}
+    return group.create_array(name, data=data, attributes=attributes, **kwargs)
+
+
+def read_sealed(arr: zarr.Array) -> np.ndarray:
+    """The whole array, refused unless it matches its digest: zarr reads a missing chunk as its
+    fill value, and a damaged chunk may still decode, so only the digest tells."""
+    data = read_array(arr)
+    want = attrs_of(arr).get("sha256")
+    if want is not None and digest(data) != want:
+        raise StoreError(f"{arr.path}: stored values do not match their digest (missing or damaged "
+                         "chunks); run `shipyard store verify`")
+    return data
+
+
+def require_unit_rows(rows: np.ndarray, where: str, tolerance: float = 0.05) -> np.ndarray:
+    """Stored features are L2-normalized rows; a row far from unit norm is a chunk read as zeros
+    (missing) or damaged. Refuse it rather than train or score on it."""
+    if rows.size:
+        norms = np.linalg.norm(rows.reshape(-1, rows.shape[-1]).astype(np.float32), axis=1)
+        if not np.isfinite(norms).all() or (np.abs(norms - 1) > tolerance).any():
+            raise StoreError(f"{where}: stored features are not unit-norm (missing or damaged "
+                             "chunks); run `shipyard store verify`")
+    return rows

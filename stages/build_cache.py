@@ -34,6 +34,7 @@ def compute(work: Work) -> Outcome:
     from ..pipeline.head_store import synthetic_features
     from ..pipeline.heads import cache_keys
     from ..pipeline.tip import tune_alpha_beta
+    from ..pipeline.zarr_nodes import write_sealed
 
     job, env, store, group = work.job, work.env, work.store, work.group
     device = env.clip.device
@@ -52,12 +53,11 @@ def compute(work: Work) -> Outcome:
     index = CacheIndex.build(keys.cpu().numpy().astype(np.float32), job.params["index"])
     agreement = None if index.exact else _agreement(index, keys, labels, inputs, tuned,
                                                      job.params["topk"])
-    group.create_array("keys", data=keys.cpu().numpy().astype(np.float32),
-                       chunks=(max(1, min(len(keys), 65536)), keys.shape[1]))
-    group.create_array("labels", data=labels.cpu().numpy(),
-                       chunks=(max(1, min(len(labels), 1 << 20)),))
+    write_sealed(group, "keys", keys.cpu().numpy().astype(np.float32),
+                 chunks=(max(1, min(len(keys), 65536)), keys.shape[1]))
+    write_sealed(group, "labels", labels.cpu().numpy(), chunks=(max(1, min(len(labels), 1 << 20)),))
     blob = index.to_bytes()
-    group.create_array("index", data=blob, chunks=(max(1, min(len(blob), 1 << 24)),))
+    write_sealed(group, "index", blob, chunks=(max(1, min(len(blob), 1 << 24)),))
     summary = {"keys": len(keys), **tuned, "agreement": agreement}
     return Outcome({**summary, "classnames": list(inputs.classnames)}, summary)
 

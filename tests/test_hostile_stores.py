@@ -4,6 +4,7 @@ nothing committed is harmed (nor anything outside the store)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,42 @@ def test_readers_see_only_committed_state(evaluated: dict[str, Any]) -> None:
     assert len(info["extractors"]) == 1
     status = invoke("--manifest", str(evaluated["path"]), "status", "--json")
     assert status.exit_code == 0 and json.loads(status.stdout)["stale"] == []
+
+
+@pytest.fixture
+def with_heads(tmp_path: Path, small_demo: Path) -> dict[str, Any]:
+    data = manifest_dict(small_demo, tmp_path / "s.zarr")
+    data["heads"] = {"methods": ["zero-shot", "coop", "tip-adapter", "tip-adapter-f"],
+                     "overrides": {"coop": {"epochs": 2}, "tip-adapter-f": {"epochs": 2}}}
+    data["datasets"][0]["seeds"] = [1]
+    path = write_manifest(tmp_path / "m.yaml", data)
+    result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
+    assert result.exit_code == 0, result.output
+    jobs = {j["id"]: j["key"] for j in json.loads(result.stdout)["jobs"]}
+    return {"path": path, "store": tmp_path / "s.zarr", "jobs": jobs}
+
+
+def _chunks(store: Path, array: str) -> Path:
+    folder = store / array / "c"
+    assert folder.is_dir(), folder
+    return folder
+
+
+@pytest.mark.parametrize(("what", "array"), [
+    ("a cache's labels", "caches/{cache:demo:seed1:tip-adapter}/labels"),
+    ("a CoOp context", "adapters/{adapter:demo:seed1:coop}/weights/ctx"),
+    ("Tip-Adapter-F's keys", "adapters/{adapter:demo:seed1:tip-adapter-f}/weights/keys"),
+    ("every text feature", "extractors/*/texts/*/features"),
+])
+def test_missing_chunks_fail_verify_and_are_refused_by_readers(
+        with_heads: dict[str, Any], what: str, array: str) -> None:
+    store = with_heads["store"]
+    pattern = re.sub(r"\{([^}]+)\}", lambda m: with_heads["jobs"][m.group(1)], array)
+    for found in store.glob(pattern):
+        shutil.rmtree(_chunks(store, str(found.relative_to(store))))
+    report = invoke("--store", str(store), "store", "verify", "--json")
+    assert report.exit_code == 1, what
+    problems = json.loads(report.stdout)["problems"]
+    assert any("do not match their digest" in p or "not unit-norm" in p for p in problems), problems
+    result = invoke("--manifest", str(with_heads["path"]), "evaluate", "--force")
+    _one_line(result, 1, "run `shipyard store verify`")
