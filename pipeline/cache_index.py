@@ -68,10 +68,17 @@ def _ivf(keys: np.ndarray, p: IndexParams) -> Any:
 
 
 def _hnsw(keys: np.ndarray, p: IndexParams) -> Any:
+    """HNSW built on one thread: parallel insertion orders differ run to run, and a cache is
+    rebuilt from its keys whenever it is loaded, so the graph must come out the same."""
     faiss = _faiss()
     index = faiss.IndexHNSWFlat(keys.shape[1], p.hnsw_m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efSearch = p.ef_search
-    index.add(keys)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        index.add(keys)
+    finally:
+        faiss.omp_set_num_threads(threads)
     return index
 
 

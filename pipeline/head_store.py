@@ -123,12 +123,21 @@ class CachedTip(nn.Module):
 
 
 def load_cache(store: FeatureStore, key: str, extractor: str, inputs: HeadInputs) -> CachedTip:
+    """A stored Tip-Adapter cache. Its index is rebuilt from the stored keys: a shared store is
+    untrusted input, and FAISS trusts the sizes inside serialized bytes (a crafted one makes it
+    allocate gigabytes), so the stored `index` bytes are never deserialized here."""
     group = stored_head(store, CACHE, key, extractor, inputs)
-    attrs = attrs_of(group)
+    attrs, params = attrs_of(group), record_of(group)["params"]
+    keys = read_sealed(child_array(group, "keys")).astype(np.float32)
     labels = read_sealed(child_array(group, "labels"))
-    index = CacheIndex.from_bytes(read_sealed(child_array(group, "index")))
+    classes = len(inputs.classnames)
+    if keys.ndim != 2 or keys.shape[1] != inputs.text.shape[1] or len(labels) != len(keys) or \
+            (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes):
+        raise UsageError(f"cache {key[:12]}: {len(labels)} labels for keys of shape {keys.shape}, "
+                         f"or labels outside its {classes} classes; run `shipyard store verify`")
+    index = CacheIndex.build(keys, params["index"])
     return CachedTip(index, labels, inputs.text, float(attrs["alpha"]), float(attrs["beta"]),
-                     record_of(group)["params"]["topk"])
+                     params["topk"])
 
 
 def head_log(group: zarr.Group | None) -> list[dict[str, Any]]:

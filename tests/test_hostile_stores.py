@@ -130,3 +130,35 @@ def test_missing_chunks_fail_verify_and_are_refused_by_readers(
     assert any("do not match their digest" in p or "not unit-norm" in p for p in problems), problems
     result = invoke("--manifest", str(with_heads["path"]), "evaluate", "--force")
     _one_line(result, 1, "run `shipyard store verify`")
+
+
+def _reseal(store: Path, array: str, data: np.ndarray) -> None:
+    """What a crafted store does: replace an array and give it a matching digest."""
+    from shipyard.pipeline.zarr_nodes import write_sealed
+
+    parent, _, name = array.rpartition("/")
+    group = zarr.open_group(zarr.storage.LocalStore(store), mode="r+")[parent]
+    assert isinstance(group, zarr.Group)
+    del group[name]
+    write_sealed(group, name, data, chunks=(max(1, len(data)),) + data.shape[1:])
+
+
+def test_crafted_index_bytes_are_never_deserialized(with_heads: dict[str, Any]) -> None:
+    cache = with_heads["jobs"]["cache:demo:seed1:tip-adapter"]
+    before = invoke("--manifest", str(with_heads["path"]), "evaluate", "--force", "--json")
+    junk = np.random.default_rng(0).integers(0, 255, 4096, dtype=np.uint8)
+    junk[:4] = np.frombuffer(b"IxFI", np.uint8)  # a flat index's magic, then garbage sizes
+    _reseal(with_heads["store"], f"caches/{cache}/index", junk)
+    after = invoke("--manifest", str(with_heads["path"]), "evaluate", "--force", "--json")
+    assert after.exit_code == 0, after.output
+    table = [json.loads(r.stdout)["datasets"][0]["table"] for r in (before, after)]
+    assert table[0] == table[1]  # the index is rebuilt from the stored keys
+
+
+def test_a_cache_with_more_keys_than_labels_is_refused(with_heads: dict[str, Any]) -> None:
+    cache = with_heads["jobs"]["cache:demo:seed1:tip-adapter"]
+    root = zarr.open_group(zarr.storage.LocalStore(with_heads["store"]), mode="r")
+    labels = np.asarray(root[f"caches/{cache}/labels"][...])
+    _reseal(with_heads["store"], f"caches/{cache}/labels", labels[:-3])
+    result = invoke("--manifest", str(with_heads["path"]), "evaluate", "--force")
+    _one_line(result, 2, f"{len(labels) - 3} labels for keys of shape ({len(labels)}, 64)")
