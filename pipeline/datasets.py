@@ -150,7 +150,12 @@ def _classnames(names: dict[int, str], where: str) -> list[str]:
 
 def _read_imagefolder(spec: DatasetSpec) -> _Entries:
     where = f"dataset {spec.name}: image folder {spec.root}"
-    if (spec.root / "train").is_dir() and (spec.root / "test").is_dir():
+    present = [s.name.lower() for s in Split if (spec.root / s.name.lower()).is_dir()]
+    if present:  # split folders, not classes named "train" and "val"
+        if "train" not in present or "test" not in present:
+            missing = " and ".join(n for n in ("train", "test") if n not in present)
+            raise DatasetError(f"{where}: has {'/, '.join(present)}/ but no {missing}/ (add it, or "
+                               "put the class folders at the top for a seeded split by `split`)")
         return _read_split_folders(spec.root, where)
     classes = sorted(p.name for p in spec.root.iterdir() if p.is_dir())
     if not classes:
@@ -186,8 +191,15 @@ def _read_split_folders(root: Path, where: str) -> _Entries:
 
 
 def _images_in(folder: Path, prefix: str) -> list[str]:
-    return sorted(f"{prefix}/{p.name}" for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files under a class folder, in its subfolders too, as sorted `prefix/...` paths.
+    Links are not followed into other folders (a class is what lies under its own folder)."""
+    out = []
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        rel = Path(parent).relative_to(folder)
+        out += [(rel / name).as_posix() for name in files
+                if Path(name).suffix.lower() in IMAGE_SUFFIXES and (Path(parent) / name).is_file()]
+    return sorted(f"{prefix}/{p}" for p in out)
 
 
 def few_shot(labels: np.ndarray, splits: np.ndarray, shots: int, seed: int) -> np.ndarray:

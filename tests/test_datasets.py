@@ -76,6 +76,30 @@ def test_imagefolder_with_split_folders(tmp_path: Path) -> None:
         ("test/a/x.png", 0, Split.TEST), ("test/b/x.png", 1, Split.TEST)]
 
 
+def test_imagefolder_reads_class_subfolders(tmp_path: Path) -> None:
+    _png(tmp_path / "ant" / "x.png")
+    _png(tmp_path / "ant" / "night" / "y.png")
+    _png(tmp_path / "bee" / "z.png")
+    (tmp_path / "ant" / "notes.txt").write_text("not an image")
+    spec = DatasetSpec(name="f", format=DatasetFormat.IMAGEFOLDER, root=tmp_path,
+                       split=ImageFolderSplit(val=0.0, test=0.0))
+    assert sorted(r.path for r in read_dataset(spec).records) == [
+        "ant/night/y.png", "ant/x.png", "bee/z.png"]
+
+
+@pytest.mark.parametrize(("folders", "message"), [
+    (("train", "val"), "has train/, val/ but no test/"),
+    (("val", "test"), "has val/, test/ but no train/"),
+    (("test",), "has test/ but no train/"),
+])
+def test_imagefolder_split_folders_without_train_or_test(tmp_path: Path, folders: tuple[str, ...],
+                                                         message: str) -> None:
+    for split in folders:
+        _png(tmp_path / split / "a" / "x.png")
+    with pytest.raises(DatasetError, match=message):
+        read_dataset(DatasetSpec(name="f", format=DatasetFormat.IMAGEFOLDER, root=tmp_path))
+
+
 def test_coop_split_file_errors(tmp_path: Path) -> None:
     split = tmp_path / "split.json"
     spec = DatasetSpec(name="c", format=DatasetFormat.COOP, root=tmp_path, split_file=split)

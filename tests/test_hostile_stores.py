@@ -140,7 +140,7 @@ def _reseal(store: Path, array: str, data: np.ndarray) -> None:
     group = zarr.open_group(zarr.storage.LocalStore(store), mode="r+")[parent]
     assert isinstance(group, zarr.Group)
     del group[name]
-    write_sealed(group, name, data, chunks=(max(1, len(data)),) + data.shape[1:])
+    write_sealed(group, name, data, chunks=(max(1, len(data)), *data.shape[1:]))
 
 
 def test_crafted_index_bytes_are_never_deserialized(with_heads: dict[str, Any]) -> None:
