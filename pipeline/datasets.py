@@ -88,6 +88,10 @@ def unsafe_path_reason(path: str) -> str | None:
     """Why a split entry may not be opened, or None. Checked lexically so symlinked roots work."""
     if not path or "\x00" in path:
         return "empty or invalid path"
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a file name in another encoding, read through os.fsdecode
+        return "file name is not valid UTF-8 (rename the file)"
     if os.path.isabs(path) or Path(path).drive:
         return "absolute path; entries must be relative to the image root"
     normal = os.path.normpath(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,18 @@ def test_imagefolder_with_split_folders(tmp_path: Path) -> None:
     assert [(r.path, r.label, r.split) for r in data.records] == [
         ("train/a/x.png", 0, Split.TRAIN), ("train/b/x.png", 1, Split.TRAIN),
         ("test/a/x.png", 0, Split.TEST), ("test/b/x.png", 1, Split.TEST)]
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_and_skipped(tmp_path: Path) -> None:
+    _png(tmp_path / "ant" / "ok.png")
+    _png(tmp_path / "bee" / "ok.png")
+    os.rename(tmp_path / "bee" / "ok.png", os.path.join(os.fsencode(tmp_path / "bee"), b"caf\xe9.png"))
+    _png(tmp_path / "bee" / "fine.png")
+    spec = DatasetSpec(name="f", format=DatasetFormat.IMAGEFOLDER, root=tmp_path,
+                       split=ImageFolderSplit(val=0.0, test=0.0))
+    data = read_dataset(spec)
+    assert sorted(r.path for r in data.records) == ["ant/ok.png", "bee/fine.png"]
+    assert len(data.rejected) == 1 and "not valid UTF-8" in data.rejected[0].reason
 
 
 def test_imagefolder_reads_class_subfolders(tmp_path: Path) -> None:
