@@ -21,6 +21,7 @@ import typer
 from . import cli_text
 from .pipeline import registry
 from .pipeline.errors import ShipyardError
+from .pipeline.locations import is_url
 from .pipeline.manifest import Device, Manifest
 from .pipeline.manifest_files import load_manifest
 from .pipeline.progress import Progress, Task
@@ -44,6 +45,12 @@ class Globals:
     store: str | None  # overrides the manifest's store location
     device: Device
     verbosity: int  # -1 quiet, 0 normal, 1+ verbose
+
+    def __post_init__(self) -> None:
+        # A command-line path is relative to the current folder, for every command alike (the
+        # manifest's own `store:` is relative to the manifest's folder).
+        if self.store and not is_url(self.store):
+            object.__setattr__(self, "store", str(Path(self.store).resolve()))
 
     def load(self) -> Manifest:
         return load_manifest(self.manifest, store_override=self.store)

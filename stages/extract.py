@@ -39,7 +39,8 @@ def counts(store: FeatureStore, job: Job) -> dict[str, Any]:
         lacking = {d.arrays["keys"][r].tobytes() for r in rows} - have_views
     texts = [t for t in d.spec.templates if ex is None or ex.texts(t, d.facts.classnames) is None]
     return {"records": len(d.plan.data.records) + len(d.plan.data.rejected),
-            "unusable": len(d.plan.failures), "missing_features": len(absent),
+            "unusable": len(d.plan.failures) + len(d.known_failures),
+            "missing_features": len(absent),
             "missing_views": len(lacking), "missing_text_sets": len(texts),
             "records_current": store.dataset_version(job.dataset) == job.key}
 

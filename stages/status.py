@@ -36,7 +36,7 @@ def status(manifest: Manifest, request: Request, *, device: str = "auto",
             extract_job = next(j for j in jobs if j.stage == "extract")
             entry |= extract.counts(store, extract_job) if store else {
                 "records": len(planned.plan.data.records) + len(planned.plan.data.rejected),
-                "unusable": len(planned.plan.failures)}
+                "unusable": len(planned.plan.failures) + len(planned.known_failures)}
             entry["stale"] = [f"{s['id']}: {'; '.join(s['reasons'])}" for s in states
                               if s["state"] == "stale"]
             entry["jobs"] = states

@@ -213,3 +213,19 @@ def test_manifest_check_reads_the_split_files(manifest_path: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["datasets"] == {"demo": 120}
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_relative_store_option_is_relative_to_the_current_folder_for_every_command(
+        tmp_path: Path, small_demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "manifests").mkdir()
+    path = write_manifest(tmp_path / "manifests" / "m.yaml",
+                          manifest_dict(small_demo, tmp_path / "unused.zarr"))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert invoke("--manifest", str(path), "--store", "rel.zarr", "extract").exit_code == 0
+    assert (tmp_path / "work" / "rel.zarr").is_dir()
+    assert not (tmp_path / "manifests" / "rel.zarr").exists()
+    assert invoke("--store", "rel.zarr", "store", "verify").exit_code == 0
+    status = json.loads(invoke("--manifest", str(path), "--store", "rel.zarr", "status",
+                               "--json").stdout)
+    assert status["store"] == str(tmp_path / "work" / "rel.zarr")

@@ -83,6 +83,11 @@ def test_bad_images_are_reported_and_skipped(make_manifest: Callable[..., Manife
         assert len(ds.failures) == 5
     again = run_stage(m, "extract")  # still reported, nothing re-encoded
     assert again["failed"] == 5 and again["extracted"] == 0
+    from shipyard.stages.runner import Request
+    from shipyard.stages.status import status
+
+    entry = status(m, Request(), device="cpu")["datasets"][0]
+    assert entry["unusable"] == 5 and entry["missing_features"] == 0  # 3 of them failed to decode
 
 
 def test_strict_fails_before_writing(make_manifest: Callable[..., Manifest],
