@@ -88,7 +88,8 @@ def records_table(plan: DatasetPlan, valid: set[bytes]) -> RecordsTable:
         "splits": splits,
     }
     for seed in spec.seeds:
-        arrays[fewshot_name(spec.shots, seed)] = few_shot(labels, splits, spec.shots, seed)
+        arrays[fewshot_name(spec.shots, seed)] = few_shot(labels, splits, spec.shots, seed,
+                                                          arrays["keys"])
     base, new = base_new_split(len(data.classnames))
     attrs: dict[str, Any] = {
         "name": spec.name,

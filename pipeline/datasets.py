@@ -206,18 +206,23 @@ def _images_in(folder: Path, prefix: str) -> list[str]:
     return sorted(f"{prefix}/{p}" for p in out)
 
 
-def few_shot(labels: np.ndarray, splits: np.ndarray, shots: int, seed: int) -> np.ndarray:
+def few_shot(labels: np.ndarray, splits: np.ndarray, shots: int, seed: int,
+             keys: np.ndarray | None = None) -> np.ndarray:
     """Row indices of a K-shot training subset: K per class, drawn with a seeded RNG.
 
     Sampling is without replacement, with replacement only for a class with fewer than K training
-    rows. Classes are visited in label order and rows in the given order, so equal inputs give the
-    same subset on every machine.
+    images. With `keys` (R, 32), rows are distinct images: one image listed under two paths is one
+    candidate (its first row). Classes are visited in label order and rows in the given order, so
+    equal inputs give the same subset on every machine.
     """
     rng = np.random.default_rng(seed)
     chosen: list[np.ndarray] = []
     train = splits == Split.TRAIN
     for label in np.unique(labels[train]):
         rows = np.flatnonzero(train & (labels == label))
+        if keys is not None:
+            _, first = np.unique(keys[rows], axis=0, return_index=True)
+            rows = rows[np.sort(first)]
         chosen.append(rng.choice(rows, size=shots, replace=len(rows) < shots))
     return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
 

@@ -41,6 +41,18 @@ def test_few_shot_is_seeded_per_class_and_replaces_only_when_short() -> None:
     assert not np.array_equal(rows, few_shot(labels, splits, 16, seed=2))
 
 
+def test_one_image_under_two_paths_is_one_candidate() -> None:
+    labels = np.zeros(6, np.int32)
+    splits = np.zeros(6, np.int8)
+    keys = np.repeat(np.arange(3, dtype=np.uint8), 2)[:, None].repeat(32, axis=1)  # 3 images, x2
+    for seed in range(20):
+        rows = few_shot(labels, splits, shots=3, seed=seed, keys=keys)
+        assert len({keys[r].tobytes() for r in rows}) == 3, (seed, rows)
+    # Without keys, the six rows are six candidates and duplicates are drawn.
+    assert any(len({keys[r].tobytes() for r in few_shot(labels, splits, 3, s)}) < 3
+               for s in range(20))
+
+
 @pytest.mark.parametrize(("path", "ok"), [
     ("cat/1.png", True), ("a/./b.png", True), ("../x.png", False), ("a/../../x.png", False),
     ("a/../b.png", False), ("/etc/passwd", False), ("", False),
