@@ -57,11 +57,12 @@ def _read_checked(item: WorkItem) -> bytes:
     return data
 
 
-def _clean_batch(items: Sequence[WorkItem], clip: ClipModel) -> Decoded:
+def _clean_batch(items: Sequence[WorkItem], clip: ClipModel, max_pixels: int) -> Decoded:
     good, tensors, failures = [], [], []
     for item in items:
         try:
-            tensors.append(clean_view(decode(_read_checked(item), item.name), clip.preprocess))
+            img = decode(_read_checked(item), item.name, max_pixels)
+            tensors.append(clean_view(img, clip.preprocess))
             good.append(item)
         except ImageError as exc:
             failures.append(Failure(item.name, str(exc).removeprefix(f"{item.name}: ")))
@@ -72,7 +73,7 @@ def _views_batch(items: Sequence[WorkItem], clip: ClipModel, spec: ExtractionSpe
     good, tensors, failures = [], [], []
     for item in items:
         try:
-            img = decode(_read_checked(item), item.name)
+            img = decode(_read_checked(item), item.name, spec.max_pixels)
             tensors.append(augmented_views(img, item.key, spec.views, spec.seed, spec.augment,
                                            clip.preprocess))
             good.append(item)
@@ -114,7 +115,7 @@ def encode_clean(clip: ClipModel, table: RowTable, items: Sequence[WorkItem], sp
                  progress: Progress, strict: bool) -> EncodeResult:
     """Encode the clean view of each item into `table` (keys + features)."""
     batch = aligned_batch(spec.batch_size, table.chunk_rows)
-    return _encode(table, _batches(items, batch), lambda b: _clean_batch(b, clip),
+    return _encode(table, _batches(items, batch), lambda b: _clean_batch(b, clip, spec.max_pixels),
                    lambda x: encode_images(clip, x), len(items), "images", progress, strict,
                    spec.workers)
 

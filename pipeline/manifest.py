@@ -110,6 +110,8 @@ class ExtractionSpec(Spec):
     batch_size: Count = 64
     workers: Count = Field(2, description="decode threads")
     chunk_rows: Count = Field(1024, description="rows per Zarr chunk of new extractor groups")
+    max_pixels: Count = Field(178_956_970, description=(
+        "larger images are reported as failures, not decoded (a small file can decode to GBs)"))
 
 
 class ImageFolderSplit(Spec):

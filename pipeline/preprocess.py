@@ -21,22 +21,42 @@ from .errors import ImageError
 from .identity import Preprocess
 from .manifest import AugmentSpec
 
-# Decompression-bomb guard: refuse images over ~180 megapixels instead of exhausting memory.
-Image.MAX_IMAGE_PIXELS = 180_000_000
+# PIL's own guard only warns up to twice its limit; `decode` enforces the manifest's limit itself,
+# from the header, before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
+HIGH_BIT_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535}
 
 
-def decode(data: bytes, name: str) -> Image.Image:
-    """Bytes -> fully loaded RGB image. Raises ImageError with a short reason."""
+def decode(data: bytes, name: str, max_pixels: int = 178_956_970) -> Image.Image:
+    """Bytes -> fully loaded RGB image. Raises ImageError with a short reason: empty, not an
+    image, truncated, or more pixels than `max_pixels` (checked from the header, so a small file
+    that would decode to gigabytes is refused without decoding it)."""
     if not data:
         raise ImageError(f"{name}: empty file")
     try:
         img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise ImageError(f"{name}: {img.width} x {img.height} pixels exceed the limit of "
+                             f"{max_pixels} (extraction.max_pixels)")
         img.load()  # truncated data fails here, not lazily later
-        return img.convert("RGB")
+        return _to_rgb(img)
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"{name}: cannot decode image ({exc})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel. High-bit-depth grey (16-bit PNG/TIFF, 32-bit int or float) is
+    scaled to 0..255 first: PIL's own conversion clips it, turning most of an image white."""
+    if img.mode in HIGH_BIT_MODES or img.mode in ("I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = HIGH_BIT_MODES.get(img.mode) or (65535 if values.max(initial=0) > 255 else 255)
+        if img.mode == "F" and values.max(initial=0) <= 1.0:
+            top = 1
+        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")  # uint8 grey: mode L
+    return img.convert("RGB")
 
 
 def _interpolation(pre: Preprocess) -> InterpolationMode:

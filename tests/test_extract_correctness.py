@@ -111,3 +111,40 @@ def test_strict_decode_failure_keeps_committed_rows(make_manifest: Callable[...,
         run_stage(m, "extract", strict=True)
     with FeatureStore.open(m.store) as store:
         assert store.extractor(first["extractor"]).images.rows == 120
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from shipyard.pipeline.preprocess import decode
+
+    grey = np.linspace(0, 60000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")  # mode I;16
+    got = np.asarray(decode(buf.getvalue(), "deep.png"))[..., 0].astype(int)
+    want = np.rint(grey / 257.0).astype(int)  # 65535 -> 255
+    assert np.abs(got - want).max() <= 1
+    assert got.max() == 233  # 60000 / 257, not clipped to 255
+
+
+def test_an_image_over_the_pixel_limit_is_a_failure_not_a_decode(
+        make_manifest: Callable[..., Manifest], small_demo: Path) -> None:
+    import io
+
+    from PIL import Image
+    from shipyard.pipeline.errors import ImageError
+    from shipyard.pipeline.preprocess import decode
+
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(buf, format="PNG")  # 9 MP in a few KB
+    with pytest.raises(ImageError, match="3000 x 3000 pixels exceed the limit of 1000000"):
+        decode(buf.getvalue(), "big.png", max_pixels=1_000_000)
+    split = json.loads((small_demo / "split.json").read_text())
+    (small_demo / "images" / "big.png").write_bytes(buf.getvalue())
+    split["train"].append(["big.png", split["train"][0][1], split["train"][0][2]])
+    (small_demo / "split.json").write_text(json.dumps(split))
+    out = run_stage(make_manifest(max_pixels=1_000_000), "extract")
+    assert [f["reason"] for f in out["failures"]] == [
+        "3000 x 3000 pixels exceed the limit of 1000000 (extraction.max_pixels)"]
