@@ -64,6 +64,7 @@ def evaluate_text(s: Summary) -> str:
     lines = [f"evaluate (protocol {s['protocol']}):", *(f"  note: {n}" for n in s["notes"])]
     for d in s["datasets"]:
         lines.append(f"  {d['name']}: report {d['report']}")
+        lines += [f"  warning: {d['name']}: {w}" for w in d.get("warnings", [])]
         lines.append(f"    {'method':22}{'base':>8}{'new':>8}{'H':>8}   "
                      f"{'seen':>8}{'unseen':>8}{'H':>8}")
         for r in d["table"]:

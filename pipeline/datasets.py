@@ -74,6 +74,9 @@ def read_dataset(spec: DatasetSpec) -> DatasetRecords:
     if not spec.root.is_dir():
         raise DatasetError(f"dataset {spec.name}: image root {spec.root} is not a folder")
     classnames, entries = readers[spec.format](spec)
+    if len(classnames) < 2:
+        raise DatasetError(f"dataset {spec.name}: {len(classnames)} class; base-to-new needs at "
+                           "least two (one base, one new)")
     records, rejected = [], []
     for path, label, split in entries:
         problem = unsafe_path_reason(path)
@@ -225,6 +228,12 @@ def few_shot(labels: np.ndarray, splits: np.ndarray, shots: int, seed: int,
             rows = rows[np.sort(first)]
         chosen.append(rng.choice(rows, size=shots, replace=len(rows) < shots))
     return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def single_class_sides(base: Sequence[int], new: Sequence[int]) -> list[str]:
+    """Warnings for a side with one class: its restricted accuracy is 100 by construction."""
+    return [f"the {side} side has a single class, so its accuracy is 100 by construction"
+            for side, labels in (("base", base), ("new", new)) if len(labels) == 1]
 
 
 def base_new_split(num_classes: int) -> tuple[list[int], list[int]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..pipeline.artifacts import ADAPTER, GENERATOR, REPORT, RUN, Ref
+from ..pipeline.datasets import single_class_sides
 from ..pipeline.registry import split_method
 from ..pipeline.report import report_key
 from ..pipeline.store import FeatureStore
@@ -56,7 +57,8 @@ def compute(work: Work) -> Outcome:
     seeds = record["params"]["seeds"]
     data = {
         "title": f"shipyard: {job.dataset}",
-        "notes": random_weights_note(env.manifest.model.pretrained),
+        "notes": random_weights_note(env.manifest.model.pretrained)
+        + [w[0].upper() + w[1:] + "." for w in single_class_sides(*_sides(store, job))],
         "protocol": f"{record['params']['protocol']}; mean over seeds "
                     f"{', '.join(str(s) for s in seeds)}",
         "table": [{k: r[k] for k in ("method", "base", "new", "h", "gzsl_seen", "gzsl_unseen",
@@ -69,6 +71,11 @@ def compute(work: Work) -> Outcome:
     }
     path = write_report(data, job.detail)
     return Outcome({}, {"report": str(path)})
+
+
+def _sides(store: FeatureStore, job: Job) -> tuple[list[int], list[int]]:
+    ds = store.dataset(job.dataset)
+    return ds.base_labels, ds.new_labels
 
 
 def random_weights_note(pretrained: str | None) -> list[str]:

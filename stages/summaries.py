@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..pipeline.datasets import single_class_sides
 from .base import Environment
 from .runner import Plan, Result
 
@@ -97,8 +98,10 @@ def evaluate_summary(results: list[Result], plan: Plan, env: Environment) -> Sum
         table = [{k: v for k, v in row.items() if k != "per_class"}
                  for row in r.summary.get("table", [])]
         protocol = r.job.params["protocol"]
+        facts = plan.datasets[r.job.dataset].facts
         datasets.append({"name": r.job.dataset, "run": r.job.key, "status": r.status,
                          "table": table, "report": reports.get(r.job.dataset),
+                         "warnings": single_class_sides(facts.base, facts.new),
                          "seconds": round(r.seconds, 3)})
     notes = [] if env.manifest.model.pretrained else [
         f"model {env.manifest.model.name} has random weights (no pretrained checkpoint): these "

@@ -186,3 +186,33 @@ def test_force_recomputes_one_stage_and_reuses_the_rest(ran: dict[str, Any]) -> 
     one = json.loads(invoke("--manifest", str(ran["path"]), "train-adapter", "--method", "coop",
                             "--force", "--json").stdout)
     assert [a["status"] for a in one["adapters"]] == ["built"]
+
+
+def _keep_classes(small_demo: Path, labels: set[int]) -> None:
+    split = json.loads((small_demo / "split.json").read_text())
+    for name, rows in split.items():
+        split[name] = [r for r in rows if r[1] in labels]
+    (small_demo / "split.json").write_text(json.dumps(split))
+
+
+def test_a_one_class_dataset_is_refused_in_one_line(tmp_path: Path, small_demo: Path) -> None:
+    _keep_classes(small_demo, {0})
+    path = _manifest(tmp_path, small_demo, methods=["zero-shot"])
+    result = invoke("--manifest", str(path), "run")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: dataset demo: 1 class; base-to-new needs at least "
+                                     "two (one base, one new)")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_side_with_one_class_is_warned_about_everywhere(tmp_path: Path, small_demo: Path) -> None:
+    _keep_classes(small_demo, {0, 1, 2})  # base: 2 classes, new: 1
+    path = _manifest(tmp_path, small_demo, methods=["zero-shot"])
+    result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads(result.stdout)["stages"]["evaluate"]["datasets"][0]
+    warning = "the new side has a single class, so its accuracy is 100 by construction"
+    assert evaluation["warnings"] == [warning]
+    assert evaluation["table"][0]["new"] == 100.0
+    assert "The new side has a single class" in Path(evaluation["report"]).read_text()
+    assert f"warning: demo: {warning}" in invoke("--manifest", str(path), "evaluate").stdout
