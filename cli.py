@@ -171,13 +171,20 @@ def _run(as_json: bool, work: Callable[[], Summary], human: Callable[[Summary], 
         raise typer.Exit(1)
 
 
-def _stage(g: Globals, stage: str, as_json: bool, request: Any, **kwargs: Any) -> None:
+def _stage(g: Globals, stage: str, as_json: bool, request: Any,
+           ok: Callable[[Summary], bool] = lambda _: True, **kwargs: Any) -> None:
     """The body of every stage command: plan, run the stage's stale jobs, report."""
     from .stages.commands import stage_command
 
     _run(as_json, lambda: stage_command(g.load(), stage, request, device=g.device,
                                         progress=_progress(g), **kwargs),
-         cli_text.STAGE_TEXT[stage])
+         cli_text.STAGE_TEXT[stage], ok)
+
+
+def _reports_written(s: Summary) -> bool:
+    """Exit 1 (after printing the results) when a report could not be written."""
+    evaluation = s["stages"].get("evaluate", {}) if "stages" in s else s
+    return not any("report_error" in d for d in evaluation.get("datasets", []))
 
 
 def _request(dataset: list[str] | None, seed: list[int] | None = None,
@@ -316,7 +323,7 @@ def evaluate(
     """Base / new / H, GZSL and per-class accuracy of every head, mean over seeds; the report."""
     explicit = ("adapter", adapter) if adapter else ("cache", cache) if cache else None
     _stage(ctx.obj, "evaluate", as_json, _request(dataset, seed, explicit=explicit), force=force,
-           report_dir=report_dir)
+           report_dir=report_dir, ok=_reports_written)
 
 
 @app.command()
@@ -355,7 +362,7 @@ def run(
     _run(as_json, lambda: commands.run_all(g.load(), _request(dataset), device=g.device,
                                            progress=_progress(g),
                                            force=str(force) if force else None),
-         cli_text.run_text)
+         cli_text.run_text, ok=_reports_written)
 
 
 @store_app.command("info")

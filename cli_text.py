@@ -63,7 +63,9 @@ def cache_text(s: Summary) -> str:
 def evaluate_text(s: Summary) -> str:
     lines = [f"evaluate (protocol {s['protocol']}):", *(f"  note: {n}" for n in s["notes"])]
     for d in s["datasets"]:
-        lines.append(f"  {d['name']}: report {d['report']}")
+        lines.append(f"  {d['name']}: report {d['report']}" if d["report"] else
+                     f"  {d['name']}: the report could not be written: {d.get('report_error')} "
+                     "(the results below are stored)")
         lines += [f"  warning: {d['name']}: {w}" for w in d.get("warnings", [])]
         lines.append(f"    {'method':22}{'base':>8}{'new':>8}{'H':>8}   "
                      f"{'seen':>8}{'unseen':>8}{'H':>8}")

@@ -142,9 +142,7 @@ def validate(data: Any) -> dict[str, Any]:
     if d.get("curves") is not None:
         for name, values in _dict(d["curves"], "curves").items():
             _str(name, "curves key")
-            if not _list(values, f"curves[{name!r}]"):
-                _fail(f"curves[{name!r}]", "is empty")
-            for i, v in enumerate(values):
+            for i, v in enumerate(_list(values, f"curves[{name!r}]")):
                 _num(v, f"curves[{name!r}][{i}]", none_ok=True)
     return d
 

@@ -56,7 +56,10 @@ def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[floa
 
 def _tick_text(v: float, ticks: list[float]) -> str:
     step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
-    digits = next(d for d in range(8) if abs(round(step, d) - step) <= 1e-9 * max(1.0, abs(step)))
+    digits = next((d for d in range(7) if abs(round(step, d) - step) <= 1e-9 * max(1.0, abs(step))),
+                  None)
+    if digits is None:  # a step below 1e-6: fixed decimals would be unreadable
+        return f"{v:.3g}"
     text = f"{v:.{digits}f}"
     return text[1:] if float(text) == 0 and text.startswith("-") else text
 

@@ -196,9 +196,25 @@ def execute(plan: Plan, env: Environment, store: FeatureStore, targets: list[Job
             summary = stage.compute_batch([Work(j, env, store) for j in batch])
             for j in batch:
                 results[j.id] = Result(j, "built", summary, time.perf_counter() - started)
+        elif not stage.stored:  # a derived file: its failure must not take the results with it
+            results[job.id] = _run_derived(stage, job, env, store)
         else:
             results[job.id] = _run_job(stage, job, env, store, forced)
     return list(results.values())
+
+
+def _run_derived(stage: Stage, job: Job, env: Environment, store: FeatureStore) -> Result:
+    """A job whose output is a file outside the store (the report). Everything it reads is
+    committed before it runs, so when it fails the results are safe: the failure is recorded
+    in one line, the command still reports its results, then exits 1."""
+    started = time.perf_counter()
+    try:
+        outcome = stage.compute(Work(job, env, store))
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        error = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        return Result(job, "failed", {"error": error}, time.perf_counter() - started)
+    return Result(job, "built", outcome.summary, time.perf_counter() - started)
 
 
 def _check_ready(plan: Plan, store: FeatureStore, targets: list[Job]) -> None:
@@ -217,9 +233,6 @@ def _check_ready(plan: Plan, store: FeatureStore, targets: list[Job]) -> None:
 def _run_job(stage: Stage, job: Job, env: Environment, store: FeatureStore,
              forced: bool) -> Result:
     started = time.perf_counter()
-    if not stage.stored:
-        outcome = stage.compute(Work(job, env, store))
-        return Result(job, "built", outcome.summary, time.perf_counter() - started)
     existing = store.lookup(stage.ref(job)) if stage.appendable and not forced else None
     if existing is not None:  # extend a committed artefact row by row
         outcome = stage.compute(Work(job, env, store, existing))

@@ -89,7 +89,10 @@ def cache_summary(results: list[Result], plan: Plan, env: Environment) -> Summar
 
 
 def evaluate_summary(results: list[Result], plan: Plan, env: Environment) -> Summary:
-    reports = {r.job.dataset: str(r.job.detail) for r in results if r.job.stage == "report"}
+    reports = {r.job.dataset: str(r.job.detail) for r in results
+               if r.job.stage == "report" and r.status != "failed"}
+    failed = {r.job.dataset: r.summary["error"] for r in results
+              if r.job.stage == "report" and r.status == "failed"}
     datasets = []
     protocol = env.manifest.heads.protocol.value
     for r in results:
@@ -102,6 +105,8 @@ def evaluate_summary(results: list[Result], plan: Plan, env: Environment) -> Sum
         datasets.append({"name": r.job.dataset, "run": r.job.key, "status": r.status,
                          "table": table, "report": reports.get(r.job.dataset),
                          "warnings": single_class_sides(facts.base, facts.new),
+                         **({"report_error": failed[r.job.dataset]} if r.job.dataset in failed
+                            else {}),
                          "seconds": round(r.seconds, 3)})
     notes = [] if env.manifest.model.pretrained else [
         f"model {env.manifest.model.name} has random weights (no pretrained checkpoint): these "

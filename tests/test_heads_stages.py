@@ -216,3 +216,24 @@ def test_a_side_with_one_class_is_warned_about_everywhere(tmp_path: Path, small_
     assert evaluation["table"][0]["new"] == 100.0
     assert "The new side has a single class" in Path(evaluation["report"]).read_text()
     assert f"warning: demo: {warning}" in invoke("--manifest", str(path), "evaluate").stdout
+
+
+def test_a_report_that_fails_leaves_the_results_stored_and_printed(
+        tmp_path: Path, small_demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shipyard.pipeline.report as report
+
+    def broken(data: Any, path: Any) -> Path:
+        raise ValueError("the renderer fell over\nsecond line")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    path = _manifest(tmp_path, small_demo, methods=["zero-shot"])
+    result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    evaluation = json.loads(result.stdout)["stages"]["evaluate"]["datasets"][0]
+    assert evaluation["report_error"] == "ValueError: the renderer fell over"
+    assert evaluation["report"] is None and evaluation["table"][0]["method"] == "zero-shot"
+    status = json.loads(invoke("--manifest", str(path), "status", "--json").stdout)
+    assert status["stale"] == ["report:demo"]  # the run itself is stored
+    text = invoke("--manifest", str(path), "evaluate")
+    assert text.exit_code == 1 and "the report could not be written" in text.stdout
+    assert "zero-shot" in text.stdout

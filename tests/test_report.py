@@ -115,7 +115,6 @@ def test_nan_accuracies_render_as_a_dash() -> None:
     ({"table": [{"method": "m", "base": "high", "new": 1.0, "h": 1.0, "gzsl_seen": None,
                  "gzsl_unseen": None, "gzsl_h": None, "seeds": 1}]}, "table[0].base must be a number"),
     ({"per_class": {"m": {"cat": "50%"}}}, "per_class['m']['cat'] must be a number or None"),
-    ({"curves": {"loss": []}}, "curves['loss'] is empty"),
     ({"projection": {"classnames": ["a"], "real": {"features": [[0.0, 1.0]], "labels": [3]},
                      "synthetic": {"features": [], "labels": []}}}, "projection.real.labels must be ints"),
     ({"projection": {"classnames": ["a"], "real": {"features": [[0.0, 1.0], [1.0]], "labels": [0, 0]},
@@ -170,3 +169,21 @@ def test_pca_of_degenerate_inputs_does_not_fail() -> None:
     line, _ = pca_2d(np.arange(6.0).reshape(6, 1))  # D = 1: the second axis stays zero
     np.testing.assert_allclose(np.abs(line[:, 0]), np.abs(np.arange(6.0) - 2.5))
     assert not line[:, 1].any()
+
+
+@pytest.mark.parametrize("values", [
+    [1.9e-7, 2.9e-7, 2.4e-7],  # nearly flat: a tick step far below 1e-6
+    [0.5, 0.5, 0.5],  # constant
+    [float("nan"), None],  # nothing finite
+    [],  # no epochs
+    [0.25],  # a single point
+    [1e9, -1e9, 3.0],  # huge range
+])
+def test_curves_render_for_every_kind_of_series(values: list) -> None:
+    html = render_report(example(curves={"loss": values}))
+    curves = sections(html)["curves"]
+    assert curves.count("<svg") == 1
+    finite = [v for v in values if v is not None and v == v]
+    assert curves.count("<circle") == len(finite)
+    if not finite:
+        assert "no finite values" in curves
