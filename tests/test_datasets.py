@@ -136,7 +136,8 @@ def test_coop_split_file_errors(tmp_path: Path) -> None:
     split.write_text('{"train": [["a.png", 0, "tree_frog"], ["b.png", 1, "tree frog"]], "test": []}')
     with pytest.raises(DatasetError, match="labels 0 and 1 are both named 'tree frog'"):
         read_dataset(spec)
-    split.write_text('{"train": [["../a.png", 0, "x"], ["b.png", 0, "x"]], "test": []}')
+    split.write_text('{"train": [["../a.png", 0, "x"], ["b.png", 0, "x"], ["c.png", 1, "y"]], '
+                     '"test": []}')
     data = read_dataset(spec)
-    assert [r.path for r in data.records] == ["b.png"]
+    assert [r.path for r in data.records] == ["b.png", "c.png"]
     assert data.rejected[0].path == "../a.png" and "escapes" in data.rejected[0].reason
