@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeAlias
 
 import typer
 
@@ -27,7 +28,7 @@ from .pipeline.manifest_files import load_manifest
 from .pipeline.progress import Progress, Task
 
 HELP = {"help_option_names": ["-h", "--help"]}
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings=HELP,
                   help="Feature-cache pipeline for SHIP: CLIP features in Zarr, synthesized "
                        "features, adapters and Tip-Adapter caches.")
@@ -155,20 +156,33 @@ def configure(
 Summary = dict[str, Any]
 
 
-def _run(as_json: bool, work: Callable[[], Summary], human: Callable[[Summary], str],
+def _run(g: Globals, as_json: bool, work: Callable[[], Summary], human: Callable[[Summary], str],
          ok: Callable[[Summary], bool] = lambda _: True) -> None:
-    """Run a command body; report its summary; map shipyard errors to exit codes."""
+    """Run a command body and report its summary. Every failure is one line on stderr (and, with
+    --json, one object on stdout) with its exit code: 2 bad usage, 1 anything else; -v adds the
+    traceback."""
     try:
         summary = work()
-    except ShipyardError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted: committed work is kept; run the command again to resume", err=True)
-        raise typer.Exit(130) from None
+        _fail(g, as_json, "interrupted: committed work is kept; run the command again to resume",
+              130)
+    except ShipyardError as exc:
+        _fail(g, as_json, f"error: {exc}", exc.exit_code)
+    except Exception as exc:  # disk full, permissions, a damaged store: still one line
+        text = str(exc).strip().splitlines()
+        _fail(g, as_json, f"error: {type(exc).__name__}: {text[0] if text else 'no message'}", 1)
     typer.echo(json.dumps(summary) if as_json else human(summary))
     if not ok(summary):
         raise typer.Exit(1)
+
+
+def _fail(g: Globals, as_json: bool, line: str, code: int) -> NoReturn:
+    if g.verbosity > 0:
+        traceback.print_exc(file=sys.stderr)
+    typer.echo(line, err=True)
+    if as_json:
+        typer.echo(json.dumps({"error": line.removeprefix("error: "), "exit_code": code}))
+    raise typer.Exit(code)
 
 
 def _stage(g: Globals, stage: str, as_json: bool, request: Any,
@@ -176,7 +190,7 @@ def _stage(g: Globals, stage: str, as_json: bool, request: Any,
     """The body of every stage command: plan, run the stage's stale jobs, report."""
     from .stages.commands import stage_command
 
-    _run(as_json, lambda: stage_command(g.load(), stage, request, device=g.device,
+    _run(g, as_json, lambda: stage_command(g.load(), stage, request, device=g.device,
                                         progress=_progress(g), **kwargs),
          cli_text.STAGE_TEXT[stage], ok)
 
@@ -337,7 +351,7 @@ def status(
     from .stages.status import status as body
 
     g: Globals = ctx.obj
-    _run(as_json, lambda: body(g.load(), _request(dataset), device=g.device,
+    _run(g, as_json, lambda: body(g.load(), _request(dataset), device=g.device,
                                progress=_progress(g)),
          cli_text.status_text, ok=lambda s: bool(s["up_to_date"]) or not check)
 
@@ -356,10 +370,10 @@ def run(
 
     g: Globals = ctx.obj
     if dry_run:
-        _run(as_json, lambda: commands.dry_run(g.load(), _request(dataset), device=g.device,
+        _run(g, as_json, lambda: commands.dry_run(g.load(), _request(dataset), device=g.device,
                                                progress=_progress(g)), cli_text.plan_text)
         return
-    _run(as_json, lambda: commands.run_all(g.load(), _request(dataset), device=g.device,
+    _run(g, as_json, lambda: commands.run_all(g.load(), _request(dataset), device=g.device,
                                            progress=_progress(g),
                                            force=str(force) if force else None),
          cli_text.run_text, ok=_reports_written)
@@ -378,7 +392,7 @@ def store_info(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         with FeatureStore.open(location, read_only=True, options=options) as store:
             return info(store)
 
-    _run(as_json, work, cli_text.info_text)
+    _run(g, as_json, work, cli_text.info_text)
 
 
 @store_app.command("verify")
@@ -395,7 +409,7 @@ def store_verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             v = verify(store)
         return {"store": location, "ok": v.ok, "checked": v.checked, "problems": v.problems}
 
-    _run(as_json, work, cli_text.verify_text, ok=lambda s: bool(s["ok"]))
+    _run(g, as_json, work, cli_text.verify_text, ok=lambda s: bool(s["ok"]))
 
 
 @manifest_app.command("schema")
@@ -418,7 +432,7 @@ def manifest_check(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         counts = {d.name: len(read_dataset(d).records) for d in m.datasets}
         return {"manifest": str(m.path), "ok": True, "datasets": counts}
 
-    _run(as_json, work, lambda s: f"{s['manifest']}: ok ("
+    _run(g, as_json, work, lambda s: f"{s['manifest']}: ok ("
          + ", ".join(f"{k}: {v} records" for k, v in s["datasets"].items()) + ")")
 
 

@@ -230,10 +230,16 @@ def few_shot(labels: np.ndarray, splits: np.ndarray, shots: int, seed: int,
     return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
 
 
-def single_class_sides(base: Sequence[int], new: Sequence[int]) -> list[str]:
-    """Warnings for a side with one class: its restricted accuracy is 100 by construction."""
-    return [f"the {side} side has a single class, so its accuracy is 100 by construction"
-            for side, labels in (("base", base), ("new", new)) if len(labels) == 1]
+def protocol_warnings(base: Sequence[int], new: Sequence[int], val_images: int,
+                      tunes_on_val: bool) -> list[str]:
+    """What makes a dataset's numbers mean less than they seem: a side with one class (its
+    restricted accuracy is 100 by construction), or no val split for heads that tune on it."""
+    out = [f"the {side} side has a single class, so its accuracy is 100 by construction"
+           for side, labels in (("base", base), ("new", new)) if len(labels) == 1]
+    if tunes_on_val and val_images == 0:
+        out.append("there is no val split, so Tip-Adapter's alpha and beta were not searched "
+                   "(alpha 1, beta 1)")
+    return out
 
 
 def base_new_split(num_classes: int) -> tuple[list[int], list[int]]:

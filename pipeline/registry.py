@@ -5,6 +5,7 @@ CLI choices, manifest validation, the planner and the report derive from these. 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from functools import cache
 from importlib import resources
@@ -85,6 +86,17 @@ def split_method(method: str) -> tuple[HeadSpec, bool]:
     if ship and not spec.ship:
         raise KeyError(method)
     return spec, ship
+
+
+def tunes_on_val(methods: Iterable[str]) -> bool:
+    """Whether any of these head methods tunes on val (names outside the registry count as no)."""
+    for method in methods:
+        try:
+            if split_method(method)[0].reads_val:
+                return True
+        except KeyError:
+            continue
+    return False
 
 
 def head_config(method: str, overrides: dict[str, dict[str, Any]]) -> HeadConfig:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..pipeline.artifacts import ADAPTER, GENERATOR, REPORT, RUN, Ref
-from ..pipeline.datasets import single_class_sides
-from ..pipeline.registry import split_method
+from ..pipeline.datasets import protocol_warnings
+from ..pipeline.registry import split_method, tunes_on_val
 from ..pipeline.report import report_key
 from ..pipeline.store import FeatureStore
 from ..pipeline.zarr_nodes import attrs_of
@@ -31,9 +31,10 @@ def declare(slot: Slot) -> Declared:
     name = slot.spec.name
     if explicit:
         name += f"-{explicit[0]}-{explicit[1][:12]}"
+    # One folder per manifest: two manifests beside each other never overwrite each other's.
     folder = Path(slot.options.get("report_dir") or slot.manifest.path.resolve().parent / "reports")
     return Declared(params={"format": 1}, inputs=inputs, deps=tuple(deps),
-                    detail=folder / f"{name}.html")
+                    detail=folder / slot.manifest.path.stem / f"{name}.html")
 
 
 def missing(store: FeatureStore, job: Job) -> list[str]:
@@ -58,7 +59,7 @@ def compute(work: Work) -> Outcome:
     data = {
         "title": f"shipyard: {job.dataset}",
         "notes": random_weights_note(env.manifest.model.pretrained)
-        + [w[0].upper() + w[1:] + "." for w in single_class_sides(*_sides(store, job))],
+        + [w[0].upper() + w[1:] + "." for w in _warnings(store, job, record)],
         "protocol": f"{record['params']['protocol']}; mean over seeds "
                     f"{', '.join(str(s) for s in seeds)}",
         "table": [{k: r[k] for k in ("method", "base", "new", "h", "gzsl_seen", "gzsl_unseen",
@@ -73,9 +74,10 @@ def compute(work: Work) -> Outcome:
     return Outcome({}, {"report": str(path)})
 
 
-def _sides(store: FeatureStore, job: Job) -> tuple[list[int], list[int]]:
+def _warnings(store: FeatureStore, job: Job, run: dict[str, Any]) -> list[str]:
     ds = store.dataset(job.dataset)
-    return ds.base_labels, ds.new_labels
+    return protocol_warnings(ds.base_labels, ds.new_labels, int(ds.attrs["splits"]["val"]),
+                             tunes_on_val(run["inputs"]["heads"]))
 
 
 def random_weights_note(pretrained: str | None) -> list[str]:

@@ -8,6 +8,7 @@ when what they read is missing or stale; `run` runs everything that is.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,8 @@ from ..pipeline.records import text_key
 from ..pipeline.store import FeatureStore
 from . import build_cache, evaluate, extract, report, synthesize, train_adapter, train_generator
 from .base import Environment, Job, Scope, Slot, Stage, Work, make_job
+
+log = logging.getLogger(__name__)
 
 # The pipeline, in execution order. A stage joins by being listed here.
 STAGES: tuple[Stage, ...] = (extract.STAGE, train_generator.STAGE, synthesize.STAGE,
@@ -200,6 +203,8 @@ def execute(plan: Plan, env: Environment, store: FeatureStore, targets: list[Job
             results[job.id] = _run_derived(stage, job, env, store)
         else:
             results[job.id] = _run_job(stage, job, env, store, forced)
+    for r in results.values():  # -v: what ran, what was reused, how long each took
+        log.info("%s: %s, key %s (%.2f s)", r.job.id, r.status, r.job.key[:12], r.seconds)
     return list(results.values())
 
 

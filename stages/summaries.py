@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..pipeline.datasets import single_class_sides
+from ..pipeline.datasets import protocol_warnings
+from ..pipeline.registry import tunes_on_val
 from .base import Environment
 from .runner import Plan, Result
 
@@ -101,10 +102,13 @@ def evaluate_summary(results: list[Result], plan: Plan, env: Environment) -> Sum
         table = [{k: v for k, v in row.items() if k != "per_class"}
                  for row in r.summary.get("table", [])]
         protocol = r.job.params["protocol"]
-        facts = plan.datasets[r.job.dataset].facts
+        planned = plan.datasets[r.job.dataset]
+        warnings = protocol_warnings(planned.facts.base, planned.facts.new,
+                                     planned.attrs["splits"]["val"],
+                                     tunes_on_val(r.job.inputs["heads"]))
         datasets.append({"name": r.job.dataset, "run": r.job.key, "status": r.status,
                          "table": table, "report": reports.get(r.job.dataset),
-                         "warnings": single_class_sides(facts.base, facts.new),
+                         "warnings": warnings,
                          **({"report_error": failed[r.job.dataset]} if r.job.dataset in failed
                             else {}),
                          "seconds": round(r.seconds, 3)})

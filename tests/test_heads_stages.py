@@ -60,7 +60,7 @@ def test_run_trains_every_head_and_reports(ran: dict[str, Any]) -> None:
     assert by["tip-adapter-f"]["new"] == by["zero-shot"]["new"]
     report = Path(evaluation["datasets"][0]["report"])
     html = report.read_text()
-    assert report.parent == ran["path"].parent / "reports"
+    assert report.parent == ran["path"].parent / "reports" / ran["path"].stem
     assert "<svg" in html and "src=\"http" not in html and "coop+ship" in html
     with FeatureStore.open(str(ran["tmp"] / "s.zarr")) as store:
         assert store.lookup(Ref.of(RUN, evaluation["datasets"][0]["run"])) is not None
@@ -91,7 +91,8 @@ def test_status_names_heads_not_trained_for_current_settings(ran: dict[str, Any]
     assert status["datasets"][0]["stale"] == [
         "adapter:demo:seed1:coop: params.config.epochs 3 -> 4",
         "adapter:demo:seed1:coop+ship: params.config.epochs 3 -> 4",
-        "run:demo: input heads changed", "report:demo: written for another run"]
+        "run:demo: input heads changed",
+        "report:demo: not written yet"]  # each manifest has its own reports folder
 
 
 def test_approximate_cache_reports_its_agreement(ran: dict[str, Any]) -> None:
@@ -157,7 +158,7 @@ def test_status_reports_a_broken_dataset_and_still_shows_the_others(
     assert result.exit_code == 0, result.output
     status = json.loads(result.stdout)
     assert [d["name"] for d in status["datasets"]] == ["demo"]
-    assert status["datasets"][0]["stale"] == []
+    assert status["datasets"][0]["stale"] == ["report:demo: not written yet"]  # two.yaml's own
     assert status["broken"][0]["name"] == "broken" and "not found" in status["broken"][0]["error"]
     assert status["up_to_date"] is False
     assert invoke("--manifest", str(path), "run").exit_code == 2  # run refuses, one line
@@ -237,3 +238,24 @@ def test_a_report_that_fails_leaves_the_results_stored_and_printed(
     text = invoke("--manifest", str(path), "evaluate")
     assert text.exit_code == 1 and "the report could not be written" in text.stdout
     assert "zero-shot" in text.stdout
+
+
+def test_without_a_val_split_the_unsearched_alpha_beta_are_said(tmp_path: Path,
+                                                               small_demo: Path) -> None:
+    split = json.loads((small_demo / "split.json").read_text())
+    split.pop("val")
+    (small_demo / "split.json").write_text(json.dumps(split))
+    path = _manifest(tmp_path, small_demo, methods=["zero-shot", "tip-adapter"])
+    result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)["stages"]
+    cache = out["build-cache"]["caches"][0]
+    assert (cache["alpha"], cache["beta"]) == (1.0, 1.0)
+    warning = ("there is no val split, so Tip-Adapter's alpha and beta were not searched "
+               "(alpha 1, beta 1)")
+    evaluation = out["evaluate"]["datasets"][0]
+    assert evaluation["warnings"] == [warning]
+    assert "There is no val split" in Path(evaluation["report"]).read_text()
+    zero_shot_only = _manifest(tmp_path, small_demo, name="z.yaml", methods=["zero-shot"])
+    again = json.loads(invoke("--manifest", str(zero_shot_only), "run", "--json").stdout)
+    assert again["stages"]["evaluate"]["datasets"][0]["warnings"] == []  # nothing tunes on val

@@ -162,3 +162,49 @@ def test_a_cache_with_more_keys_than_labels_is_refused(with_heads: dict[str, Any
     _reseal(with_heads["store"], f"caches/{cache}/labels", labels[:-3])
     result = invoke("--manifest", str(with_heads["path"]), "evaluate", "--force")
     _one_line(result, 2, f"{len(labels) - 3} labels for keys of shape ({len(labels)}, 64)")
+
+
+def _garbage_metadata(store: Path) -> None:
+    next(store.glob("extractors/*/images/keys/zarr.json")).write_text("{not json")
+
+
+def _deleted_array(store: Path) -> None:
+    shutil.rmtree(next(store.glob("extractors/*/images/features")))
+
+
+def _garbage_root(store: Path) -> None:
+    (store / "zarr.json").write_text("\x00\x01 not a store")
+
+
+def _records_pointing_nowhere(store: Path) -> None:
+    meta = json.loads((store / "datasets" / "demo" / "zarr.json").read_text())
+    meta["attributes"]["current"] = "f" * 64
+    (store / "datasets" / "demo" / "zarr.json").write_text(json.dumps(meta))
+
+
+BROKEN = {"garbage metadata": _garbage_metadata, "deleted array": _deleted_array,
+          "garbage root": _garbage_root, "records pointing nowhere": _records_pointing_nowhere}
+COMMANDS = [["status"], ["store", "info"], ["store", "verify"], ["extract"], ["evaluate"],
+            ["run"], ["train-adapter", "--method", "coop"], ["build-cache"]]
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+def test_every_command_fails_in_one_line_on_a_broken_store(evaluated: dict[str, Any],
+                                                            broken: str) -> None:
+    BROKEN[broken](evaluated["store"])
+    for command in COMMANDS:
+        store = ["--store", str(evaluated["store"])] if command[0] == "store" else []
+        args = ["--manifest", str(evaluated["path"]), *store, *command]
+        result = invoke(*args, "--json")
+        where = f"{broken}: {' '.join(command)}"
+        assert "Traceback" not in result.output, where
+        if result.exit_code == 0:  # unaffected by this damage (it reads other parts)
+            continue
+        assert result.exit_code in (1, 2), where
+        lines = result.stderr.strip().splitlines()
+        out = json.loads(result.stdout)  # exactly one JSON object, whatever happened
+        if command == ["store", "verify"] and "ok" in out:
+            assert out["ok"] is False and out["problems"], where
+            continue
+        assert len(lines) == 1 and lines[0].startswith("error: "), (where, lines)
+        assert out == {"error": lines[0].removeprefix("error: "), "exit_code": result.exit_code}
