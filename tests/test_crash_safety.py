@@ -77,9 +77,16 @@ def test_sigkill_mid_extract_then_resume_equals_clean_run(
     assert 48 <= rows_at_kill < 120, rows_at_kill
     assert child.returncode == -signal.SIGKILL
 
+    # status on the half-extracted store counts exactly what the resumed extract then encodes.
+    from shipyard.stages.runner import Request
+    from shipyard.stages.status import status
+
+    before = status(killed, Request(), device="cpu")["datasets"][0]
     resumed = run_stage(killed, "extract")
     assert resumed["reused"] >= rows_at_kill  # committed work survived the kill
     assert resumed["extracted"] == 120 - resumed["reused"]
+    assert before["missing_features"] == resumed["extracted"]
+    assert before["missing_views"] == resumed["views_extracted"]
 
     clean = make_manifest(store="clean.zarr", batch_size=16, chunk_rows=32)
     reference = run_stage(clean, "extract")
