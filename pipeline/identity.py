@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 from dataclasses import asdict, dataclass
+from functools import cache
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,16 @@ from .manifest import AugmentSpec, ExtractionSpec, ModelSpec
 EXTRACTOR_VERSION = 1  # bump when the meaning of stored features changes
 
 
+@cache
+def _versions() -> tuple[tuple[str, str], ...]:
+    return (("open_clip", metadata.version("open_clip_torch")),
+            ("torch", metadata.version("torch").split("+")[0]))
+
+
 def library_versions() -> dict[str, str]:
-    """The libraries whose versions are part of an extractor (read without importing them)."""
-    return {"open_clip": metadata.version("open_clip_torch"),
-            "torch": metadata.version("torch").split("+")[0]}
+    """The libraries whose versions are part of an extractor (read without importing them, once
+    per process: each read parses the packages' metadata files)."""
+    return dict(_versions())
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,7 @@ class Environment:
         self.report_dir = report_dir or manifest.path.resolve().parent / "reports"
         self._clip: ClipModel | None = None
         self._identity: ModelIdentity | None = None
+        self._fp: str | None = None  # the extractor's, once the identity is known
 
     @property
     def clip(self) -> ClipModel:
@@ -233,7 +234,9 @@ class Environment:
 
     @property
     def extractor_fp(self) -> str:
-        return fingerprint(self.description())
+        if self._fp is None:
+            self._fp = fingerprint(self.description())
+        return self._fp
 
     def extractor(self, store: FeatureStore) -> Extractor:
         fp = self.extractor_fp

@@ -3,6 +3,8 @@ Each returns the JSON-able summary the CLI prints."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from ..pipeline.progress import Progress
 from ..pipeline.store import FeatureStore
 from . import extract
 from .base import Environment, Job
-from .runner import STAGES, Request, build_plan, execute, staleness
+from .runner import STAGES, Plan, Request, build_plan, execute, staleness
 from .summaries import Summary, summarize
 
 
@@ -23,14 +25,13 @@ def stage_command(manifest: Manifest, stage: str, request: Request, *, device: s
     """One stage's jobs (evaluate: with its report); what they read must be up to date."""
     env = Environment(manifest, device, progress, cache_dir, report_dir, strict)
     names = (stage, "report") if stage == "evaluate" else (stage,)
-    with open_existing(manifest) as existing:  # bad input fails here, before anything is written
-        plan = build_plan(env, existing, request)
-    plan.raise_broken()
-    if stage == "extract" and strict:
-        extract.strict_failures(list(plan.datasets.values()))
-    with FeatureStore.open(manifest.store, read_only=False, create=stage == "extract",
-                           options=manifest.store_options) as store:
-        plan = build_plan(env, store, request)  # again, under the writer's lock
+
+    def check(plan: Plan) -> None:  # before anything is written
+        plan.raise_broken()
+        if stage == "extract" and strict:
+            extract.strict_failures(list(plan.datasets.values()))
+
+    with open_writable(manifest, env, request, check, create=stage == "extract") as (store, plan):
         targets = [j for name in names for j in plan.of(name)]
         results = execute(plan, env, store, targets, force=stage if force else None)
     return summarize(results, plan, env)[stage]
@@ -41,11 +42,7 @@ def run_all(manifest: Manifest, request: Request, *, device: str = "auto",
             cache_dir: Path | None = None, report_dir: Path | None = None) -> Summary:
     """Every stale job of the manifest, in dependency order; `force` recomputes one stage's."""
     env = Environment(manifest, device, progress, cache_dir, report_dir)
-    with open_existing(manifest) as existing:  # bad input fails here, before anything is written
-        build_plan(env, existing, request).raise_broken()
-    with FeatureStore.open(manifest.store, read_only=False, create=True,
-                           options=manifest.store_options) as store:
-        plan = build_plan(env, store, request)
+    with open_writable(manifest, env, request, Plan.raise_broken, create=True) as (store, plan):
         extracts = [j for j in plan.closure(plan.of("report")) if j.stage == "extract"]
         results = execute(plan, env, store, extracts)
         # Re-plan: images that failed to decode are left out of the records just written.
@@ -75,6 +72,28 @@ def job_state(job: Job, store: FeatureStore | None, slots: Slots | None) -> dict
     return {"id": job.id, "stage": job.stage, "key": job.key,
             "state": "stale" if reasons else "up to date", "reasons": reasons,
             "deps": list(job.deps)}
+
+
+@contextmanager
+def open_writable(manifest: Manifest, env: Environment, request: Request,
+                  check: Callable[[Plan], None], create: bool,
+                  ) -> Iterator[tuple[FeatureStore, Plan]]:
+    """The store opened for writing (under its lock) and the plan made under that lock, after
+    `check` accepted the plan. Nothing is written before: opening an existing store writes
+    nothing, and a store that does not exist yet is created only once a plan made without it
+    passed `check`."""
+    try:
+        store = FeatureStore.open(manifest.store, read_only=False, options=manifest.store_options)
+    except StoreError as exc:
+        if not (create and str(exc).startswith("no shipyard store")):
+            raise
+        check(build_plan(env, None, request))
+        store = FeatureStore.open(manifest.store, read_only=False, create=True,
+                                  options=manifest.store_options)
+    with store:
+        plan = build_plan(env, store, request)
+        check(plan)
+        yield store, plan
 
 
 class open_existing:
