@@ -12,7 +12,11 @@ Input schema, checked by `validate` (a violation raises UsageError naming the fi
     projection (optional): {classnames: [str, ...],
                             real: {features: (N, D) nested list or array, labels: N ints},
                             synthetic: {features: (M, D), labels: M ints}}  labels index classnames
-    curves (optional): {name: [float | None per epoch]}
+    curves (optional): {panel: [float | None per epoch] | {series: [float | None per epoch]}}
+                                 a panel named like a table method takes that method's colour;
+                                 its series (seeds) differ by dash pattern
+    curves_y (optional): str     the curves' y-axis label (e.g. "loss")
+    sides (optional): {base: [classname, ...], new: [classname, ...]}  groups the per-class bars
     key (optional): str          the report artefact's key, kept in a <meta> tag (`report_key`)
 Accuracies are percentages; NaN or None prints as a dash. Optional sections may also be None.
 """
@@ -31,12 +35,12 @@ from typing import Any
 import numpy as np
 
 from .errors import UsageError
-from .report_charts import bars, curves, esc, finite, legend, projection
+from .report_charts import bars, curves, esc, finite, legend, method_colours, projection
 
 COLUMNS = (("base", "Base"), ("new", "New"), ("h", "H"),
            ("gzsl_seen", "GZSL seen"), ("gzsl_unseen", "GZSL unseen"), ("gzsl_h", "GZSL H"))
 REQUIRED = ("title", "notes", "protocol", "table", "per_class")
-OPTIONAL = ("projection", "curves", "key")
+OPTIONAL = ("projection", "curves", "key", "curves_y", "sides")
 ROW_REQUIRED = ("method", "base", "new", "h", "gzsl_seen", "gzsl_unseen", "gzsl_h", "seeds")
 ROW_OPTIONAL = ("base_std", "new_std")
 KEY_META = "shipyard-report-key"
@@ -47,8 +51,8 @@ h1{font-size:1.6rem;margin-bottom:.3rem}h2{font-size:1.2rem;margin-top:2.2rem;bo
 .protocol{color:#555}.notes{background:#fff8e1;border-left:4px solid #e0a800;padding:.5rem 1rem}
 .notes p{margin:.25rem 0}table{border-collapse:collapse;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #cfd4da;padding:.35rem .75rem;text-align:right}th{background:#f3f4f6}
-td.method,th.method{text-align:left}td.best{font-weight:700;background:#dff3e4}
-.std{color:#777;font-size:.8em}.chart{overflow-x:auto}.chart svg{display:block}
+td.method,th.method{text-align:left;white-space:nowrap}td.best{font-weight:700;background:#dff3e4}
+.std{color:#777;font-size:.8em}.chart,.table-wrap{overflow-x:auto}.chart svg{display:block}
 svg text{font-size:11px;fill:#333}.legend{display:flex;flex-wrap:wrap;gap:.3rem 1.1rem;font-size:.9rem}
 .sw{display:inline-block;width:.8rem;height:.8rem;margin-right:.35rem;vertical-align:-1px;border-radius:2px}
 .caption{color:#555;font-size:.9rem}
@@ -63,13 +67,17 @@ def render_report(data: Mapping[str, Any]) -> str:
         body.append('<div class="notes">' + "".join(f"<p>{esc(n)}</p>" for n in d["notes"]) + "</div>")
     body.append(_section("results", "Results", _table(d["table"])))
     if d["per_class"]:
-        methods = list(d["per_class"])
-        body.append(_section("per-class", "Per-class accuracy (%)", legend(methods) + bars(d["per_class"])))
+        colours = method_colours([r["method"] for r in d["table"]])
+        body.append(_section("per-class", "Per-class accuracy (%)",
+                             legend(list(d["per_class"]), colours=colours)
+                             + bars(d["per_class"], colours, d.get("sides"))))
     if d.get("projection"):
         body.append(_section("projection", "Real vs synthesized features (PCA, 2-D)",
                              projection(d["projection"])))
     if d.get("curves"):
-        body.append(_section("curves", "Training curves", curves(d["curves"])))
+        body.append(_section("curves", "Training curves",
+                             curves(d["curves"], method_colours([r["method"] for r in d["table"]]),
+                                    d.get("curves_y") or "")))
     key = f'<meta name="{KEY_META}" content="{esc(d["key"])}">' if d.get("key") else ""
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">' + key +
@@ -140,10 +148,22 @@ def validate(data: Any) -> dict[str, Any]:
     if d.get("key") is not None:
         _str(d["key"], "key")
     if d.get("curves") is not None:
-        for name, values in _dict(d["curves"], "curves").items():
+        for name, panel in _dict(d["curves"], "curves").items():
             _str(name, "curves key")
-            for i, v in enumerate(_list(values, f"curves[{name!r}]")):
-                _num(v, f"curves[{name!r}][{i}]", none_ok=True)
+            series = panel if isinstance(panel, Mapping) else {"": panel}
+            for label, values in series.items():
+                where = f"curves[{name!r}]" + (f"[{label!r}]" if label else "")
+                if label:
+                    _str(label, f"{where} key")
+                for i, v in enumerate(_list(values, where)):
+                    _num(v, f"{where}[{i}]", none_ok=True)
+    if d.get("curves_y") is not None:
+        _str(d["curves_y"], "curves_y")
+    if d.get("sides") is not None:
+        for side in ("base", "new"):
+            for i, name in enumerate(_list(_dict(d["sides"], "sides").get(side, []),
+                                           f"sides.{side}")):
+                _str(name, f"sides.{side}[{i}]")
     return d
 
 
@@ -226,9 +246,11 @@ def _table(rows: list[Mapping[str, Any]]) -> str:
     best = {}
     for key, _ in COLUMNS:
         values = [float(r[key]) for r in rows if finite(r[key])]
-        best[key] = max(values) if len(values) > 1 else None  # a lone value is best of nothing
+        # A lone value, or a column where every method ties, has no best.
+        best[key] = max(values) if len(set(values)) > 1 else None
     head = "".join(f"<th>{esc(label)}</th>" for _, label in COLUMNS)
-    lines = [f'<table><thead><tr><th class="method">Method</th>{head}<th>Seeds</th></tr></thead><tbody>']
+    lines = ['<div class="table-wrap"><table><thead><tr><th class="method">Method</th>'
+             f"{head}<th>Seeds</th></tr></thead><tbody>"]
     for r in rows:
         cells = []
         for key, _ in COLUMNS:
@@ -240,8 +262,9 @@ def _table(rows: list[Mapping[str, Any]]) -> str:
             cells.append(f"<td{cls}>{text}</td>")
         lines.append(f'<tr><td class="method">{esc(r["method"])}</td>{"".join(cells)}'
                      f"<td>{int(r['seeds'])}</td></tr>")
-    note = '<p class="caption">Accuracy in %. Bold: best in its column. GZSL: argmax over all classes.</p>'
-    return "\n".join(lines) + "</tbody></table>" + note
+    note = ('<p class="caption">Accuracy in %. Bold: best in its column, unless every method '
+            "ties there. GZSL: argmax over all classes.</p>")
+    return "\n".join(lines) + "</tbody></table></div>" + note
 
 
 # ---- SVG charts ----------------------------------------------------------------------------------

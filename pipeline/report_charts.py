@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
-           "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")  # Tableau 10; repeats past 10
+           "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")  # Tableau 10: one per method
+# Classes in the projection take other colours than methods do elsewhere (ColorBrewer Dark2 and
+# Set1), so a colour never means a method in one chart and a class in the next.
+CLASS_PALETTE = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d",
+                 "#666666", "#377eb8", "#984ea3")
+OTHER = "#6b6b6b"  # a curve that is not a method's (the SHIP generator's)
+DASHES = ("", "6 3", "2 3", "8 3 2 3")  # seeds within one panel
+DASH_GLYPHS = ("\u2014", "- -", "\u00b7\u00b7\u00b7", "-\u00b7-")  # how each reads in a key
 MAX_POINTS = 200  # drawn per class and kind in the projection; the PCA itself uses every point
 
 
@@ -95,10 +102,21 @@ def _short(name: str, n: int = 28) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
 
-def bars(per_class: Mapping[str, Mapping[str, Any]]) -> str:
-    """Grouped bars: one group per class name, one bar per method; scrolls sideways when long."""
+def method_colours(methods: list[str]) -> dict[str, str]:
+    """Each method's colour, the same in every chart of a report: by its place in the table."""
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(dict.fromkeys(methods))}
+
+
+def bars(per_class: Mapping[str, Mapping[str, Any]], colours: Mapping[str, str] | None = None,
+         sides: Mapping[str, list[str]] | None = None) -> str:
+    """Grouped bars: one group per class name, one bar per method, base classes then new ones
+    (each side labelled) when `sides` says which is which; scrolls sideways when long."""
     methods = list(per_class)
+    colours = {**method_colours(methods), **(colours or {})}
     classes = list(dict.fromkeys(c for m in methods for c in per_class[m]))
+    side_of = {c: side for side in ("base", "new") for c in (sides or {}).get(side, [])}
+    if side_of:  # base first, then new, each in the table's order
+        classes.sort(key=lambda c: ("base", "new").index(side_of[c]) if c in side_of else 2)
     bw = max(5.0, min(22.0, 640.0 / max(1, len(methods) * len(classes))))
     group = len(methods) * bw + max(8.0, bw)
     left = max(52.0, 4.4 * len(_short(classes[0])) - group / 2 + 8) if classes else 52.0
@@ -111,6 +129,7 @@ def bars(per_class: Mapping[str, Mapping[str, Any]]) -> str:
 
     parts = _frame((left, top, pw, ph), [], [0, 20, 40, 60, 80, 100], None, fy, "", "accuracy (%)")
     x_start = left + (pw - group * len(classes)) / 2 + (group - len(methods) * bw) / 2
+    parts += _side_bands(classes, side_of, x_start, group, top, ph)
     for j, cname in enumerate(classes):
         gx = x_start + j * group
         for i, method in enumerate(methods):
@@ -119,8 +138,10 @@ def bars(per_class: Mapping[str, Mapping[str, Any]]) -> str:
             if finite(v):
                 val = min(max(float(v), 0.0), 100.0)
                 tip = esc(f"{method} / {cname}: {float(v):.2f}")
-                parts.append(f'<rect x="{x:.1f}" y="{fy(val):.1f}" width="{bw - 1:.1f}" '
-                             f'height="{fy(0) - fy(val):.1f}" fill="{PALETTE[i % len(PALETTE)]}">'
+                # A zero is a 2-pixel bar in the method's colour: seen, unlike a missing value.
+                height = max(fy(0) - fy(val), 2.0)
+                parts.append(f'<rect x="{x:.1f}" y="{fy(0) - height:.1f}" width="{bw - 1:.1f}" '
+                             f'height="{height:.1f}" fill="{colours[method]}">'
                              f"<title>{tip}</title></rect>")
             else:  # no test image of this class: a grey tick on the axis, not a zero-height bar
                 parts.append(f'<rect x="{x:.1f}" y="{fy(0) - 2:.1f}" width="{bw - 1:.1f}" height="2" '
@@ -130,6 +151,23 @@ def bars(per_class: Mapping[str, Mapping[str, Any]]) -> str:
                      f"<title>{esc(cname)}</title>{esc(_short(cname))}</text>")
     svg = _svg(left + pw + 16, top + ph + bottom, parts, "per-class accuracy per method")
     return f'<div class="chart">{svg}</div>'
+
+
+def _side_bands(classes: list[str], side_of: Mapping[str, str], x_start: float, group: float,
+                top: float, ph: float) -> list[str]:
+    """A shaded band behind the new classes and a label over each side."""
+    out = []
+    for side in ("base", "new"):
+        idx = [j for j, c in enumerate(classes) if side_of.get(c) == side]
+        if not idx:
+            continue
+        x0, x1 = x_start + idx[0] * group - 4, x_start + (idx[-1] + 1) * group - 4
+        if side == "new":
+            out.append(f'<rect x="{x0:.1f}" y="{top}" width="{x1 - x0:.1f}" height="{ph}" '
+                       'fill="#f2f2f7"/>')
+        out.append(f'<text x="{(x0 + x1) / 2:.1f}" y="{top + 11}" text-anchor="middle" '
+                   f'font-weight="600">{side} classes</text>')
+    return out
 
 
 def _even(idx: np.ndarray, cap: int) -> np.ndarray:
@@ -161,7 +199,7 @@ def projection(proj: Mapping[str, Any]) -> str:
                    f"PC2 ({100 * share[1]:.1f}% of variance)")
     used = sorted(set(real["labels"].tolist()) | set(syn["labels"].tolist()))
     for pos, k in enumerate(used):
-        colour = PALETTE[pos % len(PALETTE)]
+        colour = CLASS_PALETTE[pos % len(CLASS_PALETTE)]
         p, lab = kinds["real"]
         for x, y in p[_even(np.flatnonzero(lab == k), MAX_POINTS)]:
             parts.append(f'<circle cx="{fx(x):.1f}" cy="{fy(y):.1f}" r="3.2" fill="{colour}" '
@@ -176,11 +214,14 @@ def projection(proj: Mapping[str, Any]) -> str:
     caption = (f'<p class="caption">{len(kinds["real"][1])} real and {len(kinds["synthetic"][1])} '
                f"synthesized features; PCA fitted on both together; at most {MAX_POINTS} points drawn "
                "per class and kind; colours repeat after ten classes.</p>")
-    return legend([names[k] for k in used], key) + f'<div class="chart">{svg}</div>' + caption
+    colours = {names[k]: CLASS_PALETTE[pos % len(CLASS_PALETTE)] for pos, k in enumerate(used)}
+    return legend([names[k] for k in used], key, colours) + f'<div class="chart">{svg}</div>' + caption
 
 
-def curves(curves: Mapping[str, list[Any]]) -> str:
-    """One SVG, one panel per curve (each its own y scale: a loss and an accuracy do not share one)."""
+def curves(curves: Mapping[str, Any], colours: Mapping[str, str] | None = None,
+           ylabel: str = "") -> str:
+    """One SVG, one panel per curve (each its own y scale: a loss and an accuracy do not share
+    one). A panel named like a method takes its colour; its series (seeds) differ by dashes."""
     names = list(curves)
     cols = min(2, len(names))
     cell_w, cell_h, gap = 500.0, 250.0, 24.0
@@ -188,20 +229,27 @@ def curves(curves: Mapping[str, list[Any]]) -> str:
     for i, name in enumerate(names):
         ox, oy = (i % cols) * (cell_w + gap), (i // cols) * (cell_h + gap)
         box = (ox + 58.0, oy + 26.0, cell_w - 72.0, cell_h - 66.0)
-        parts.append(f'<text x="{box[0]}" y="{oy + 16}" font-weight="600">{esc(name)}</text>')
-        parts.extend(_panel(box, curves[name], PALETTE[i % len(PALETTE)]))
+        series = curves[name] if isinstance(curves[name], Mapping) else {"": curves[name]}
+        keys = "   ".join(f"{DASH_GLYPHS[j % len(DASHES)]} {label}"
+                           for j, label in enumerate(series) if label)
+        parts.append(f'<text x="{box[0]}" y="{oy + 16}" font-weight="600">{esc(name)}'
+                     f'<tspan font-weight="400" dx="10">{esc(keys)}</tspan></text>')
+        colour = (colours or {}).get(name, OTHER if colours else PALETTE[i % len(PALETTE)])
+        parts.extend(_panel(box, list(series.values()), colour, ylabel))
     rows = math.ceil(len(names) / cols)
     svg = _svg(cols * cell_w + (cols - 1) * gap, rows * cell_h + (rows - 1) * gap, parts, "training curves")
     return f'<div class="chart">{svg}</div>'
 
 
-def _panel(box: tuple[float, float, float, float], values: list[Any], colour: str) -> list[str]:
+def _panel(box: tuple[float, float, float, float], series: list[list[Any]], colour: str,
+           ylabel: str = "") -> list[str]:
     x0, y0, w, h = box
-    pts = [(e, float(v)) for e, v in enumerate(values, start=1) if finite(v)]
-    if not pts:
+    every = [(e, float(v)) for values in series for e, v in enumerate(values, start=1) if finite(v)]
+    if not every:
         return [f'<text x="{x0 + w / 2}" y="{y0 + h / 2}" text-anchor="middle">no finite values</text>']
-    ys = [v for _, v in pts]
-    xt, yt = _ticks(1, len(values), integer=True), _ticks(min(ys), max(ys))
+    ys = [v for _, v in every]
+    longest = max(len(values) for values in series)
+    xt, yt = _ticks(1, longest, integer=True), _ticks(min(ys), max(ys))
 
     def fx(e: float) -> float:
         return x0 + w * (e - xt[0]) / (xt[-1] - xt[0])
@@ -209,22 +257,26 @@ def _panel(box: tuple[float, float, float, float], values: list[Any], colour: st
     def fy(v: float) -> float:
         return y0 + h * (yt[-1] - v) / (yt[-1] - yt[0])
 
-    out = _frame(box, xt, yt, fx, fy, "epoch", "")
-    segment: list[str] = []
-    for e, v in enumerate(values, start=1):  # a missing value breaks the line
-        if finite(v):
-            segment.append(f"{fx(e):.1f},{fy(float(v)):.1f}")
-        if (not finite(v) or e == len(values)) and segment:
-            out.append(f'<polyline points="{" ".join(segment)}" fill="none" stroke="{colour}" '
-                       'stroke-width="2"/>')
-            segment = []
-    if len(values) <= 40:
-        out.extend(f'<circle cx="{fx(e):.1f}" cy="{fy(v):.1f}" r="2.6" fill="{colour}">'
-                   f"<title>epoch {e}: {v:.4g}</title></circle>" for e, v in pts)
+    out = _frame(box, xt, yt, fx, fy, "epoch", ylabel)
+    for j, values in enumerate(series):
+        dash = f' stroke-dasharray="{DASHES[j % len(DASHES)]}"' if DASHES[j % len(DASHES)] else ""
+        segment: list[str] = []
+        for e, v in enumerate(values, start=1):  # a missing value breaks the line
+            if finite(v):
+                segment.append(f"{fx(e):.1f},{fy(float(v)):.1f}")
+            if (not finite(v) or e == len(values)) and segment:
+                out.append(f'<polyline points="{" ".join(segment)}" fill="none" stroke="{colour}" '
+                           f'stroke-width="2"{dash}/>')
+                segment = []
+        if len(values) <= 40:
+            out.extend(f'<circle cx="{fx(e):.1f}" cy="{fy(float(v)):.1f}" r="2.6" fill="{colour}">'
+                       f"<title>epoch {e}: {float(v):.4g}</title></circle>"
+                       for e, v in enumerate(values, start=1) if finite(v))
     return out
 
 
-def legend(labels: list[str], extra: str = "") -> str:
-    items = "".join(f'<span><span class="sw" style="background:{PALETTE[i % len(PALETTE)]}"></span>'
-                    f"{esc(name)}</span>" for i, name in enumerate(labels))
+def legend(labels: list[str], extra: str = "", colours: Mapping[str, str] | None = None) -> str:
+    colours = {**method_colours(labels), **(colours or {})}
+    items = "".join(f'<span><span class="sw" style="background:{colours[name]}"></span>'
+                    f"{esc(name)}</span>" for name in labels)
     return f'<div class="legend">{items}{extra}</div>'

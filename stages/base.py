@@ -87,6 +87,7 @@ class Slot:
     method: str | None = None
     upstream: dict[str, Job] = field(default_factory=dict)  # stage name -> job of this slot
     heads: dict[str, list[Job | None]] = field(default_factory=dict)  # method -> job per seed
+    per_seed: dict[int, dict[str, Job]] = field(default_factory=dict)  # seed -> its seed jobs
     options: dict[str, Any] = field(default_factory=dict)  # a command's explicit choices
 
     @property

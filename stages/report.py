@@ -25,9 +25,11 @@ def declare(slot: Slot) -> Declared:
     explicit = slot.options.get("explicit")  # one stored head: no projection of SHIP features
     if not explicit and any(split_method(m)[1] for m in slot.heads) \
             and "synthesize" in slot.upstream:
-        syn, gen = slot.upstream["synthesize"], slot.upstream["train-generator"]
-        inputs |= {"synthetic": syn.key, "generator": gen.key, "seed": slot.seeds[0]}
-        deps += [syn, gen]
+        syn = slot.upstream["synthesize"]  # the first seed's, for the projection
+        generators = [slot.per_seed[s]["train-generator"] for s in slot.seeds]
+        inputs |= {"synthetic": syn.key, "seed": slot.seeds[0],
+                   "generators": [g.key for g in generators]}
+        deps += [syn, *generators]
     name = slot.spec.name
     if explicit:
         name += f"-{explicit[0]}-{explicit[1][:12]}"
@@ -56,6 +58,7 @@ def compute(work: Work) -> Outcome:
     attrs, record = attrs_of(group), dict(attrs_of(group)["record"])
     table = attrs["table"]
     seeds = record["params"]["seeds"]
+    ds = store.dataset(job.dataset)
     data = {
         "title": f"shipyard: {job.dataset}",
         "notes": random_weights_note(env.manifest.model.pretrained)
@@ -67,7 +70,10 @@ def compute(work: Work) -> Outcome:
                   for r in table],
         "per_class": {r["method"]: r["per_class"] for r in table},
         "projection": _projection(work) if "synthetic" in job.inputs else None,
-        "curves": _curves(store, job, record["inputs"]["heads"], seeds[0]) or None,
+        "curves": _curves(store, job, record["inputs"]["heads"], seeds) or None,
+        "curves_y": "loss",
+        "sides": {"base": [ds.classnames[i] for i in ds.base_labels],
+                  "new": [ds.classnames[i] for i in ds.new_labels]},
         "key": job.key,
     }
     path = write_report(data, job.detail)
@@ -106,18 +112,23 @@ def _projection(work: Work) -> dict[str, Any]:
             "synthetic": {"features": syn.numpy(), "labels": [remap[int(y)] for y in syn_y]}}
 
 
-def _curves(store: FeatureStore, job: Job, heads: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Training curves of the first seed: the generator's loss, each trained head's loss."""
-    out: dict[str, Any] = {}
-    if "generator" in job.inputs:
-        gen = store.lookup(Ref.of(GENERATOR, job.inputs["generator"]))
+def _curves(store: FeatureStore, job: Job, heads: dict[str, Any],
+            seeds: list[int]) -> dict[str, dict[str, list[Any]]]:
+    """Training losses, one panel per trained head (named as in the table, so it keeps the
+    method's colour) and one for the SHIP generator, one series per seed."""
+    out: dict[str, dict[str, list[Any]]] = {}
+    for seed, key in zip(seeds, job.inputs.get("generators", []), strict=False):
+        gen = store.lookup(Ref.of(GENERATOR, key))
         if gen is not None:
-            out[f"SHIP generator loss (seed {seed})"] = [e["loss"] for e in attrs_of(gen)["log"]]
+            out.setdefault("SHIP generator", {})[f"seed {seed}"] = [
+                e["loss"] for e in attrs_of(gen)["log"]]
     for method, head in heads.items():
-        key = head["keys"][0]
-        group = store.lookup(Ref.of(ADAPTER, key)) if head["kind"] == ADAPTER.name and key else None
-        if group is not None and attrs_of(group).get("log"):
-            out[f"{method} loss (seed {seed})"] = [e["loss"] for e in attrs_of(group)["log"]]
+        for seed, key in zip(seeds, head["keys"], strict=True):
+            group = store.lookup(Ref.of(ADAPTER, key)) if head["kind"] == ADAPTER.name and key \
+                else None
+            if group is not None and attrs_of(group).get("log"):
+                out.setdefault(method, {})[f"seed {seed}"] = [e["loss"] for e in
+                                                              attrs_of(group)["log"]]
     return out
 
 

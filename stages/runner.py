@@ -104,7 +104,8 @@ def _plan_dataset_jobs(plan: Plan, base: Slot, methods: tuple[str, ...]) -> None
     for stage in STAGES:
         if stage.scope is Scope.DATASET:
             first = per_seed[base.seeds[0]] if base.seeds else {}
-            job = _add(plan, stage, replace(base, heads=heads, upstream={**first, **shared}))
+            job = _add(plan, stage, replace(base, heads=heads, per_seed=per_seed,
+                                            upstream={**first, **shared}))
             if job is not None:
                 shared[stage.name] = job
             continue

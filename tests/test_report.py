@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,36 @@ def test_table_holds_the_values_and_marks_the_best() -> None:
     assert best == ["70.50", "80.75", "73.90"]
     assert "&mdash;" in table  # zero-shot has no GZSL numbers
     assert "nan" not in table.lower() and "none" not in table.lower()
+
+
+def test_a_column_where_every_method_ties_has_no_best() -> None:
+    rows = [{"method": m, "base": 20.0, "new": 20.0, "h": 20.0, "gzsl_seen": 0.0,
+             "gzsl_unseen": 20.0, "gzsl_h": 0.0, "seeds": 3} for m in ("a", "b", "c")]
+    rows[2]["base"] = 34.67  # one column with a winner
+    table = sections(render_report(example(table=rows)))["results"]
+    assert re.findall(r'<td class="best">([\d.]+)', table) == ["34.67"]
+    assert '<div class="table-wrap"><table>' in table  # scrolls inside a narrow window
+
+
+def test_charts_keep_one_colour_per_method_and_tell_the_sides_apart() -> None:
+    from shipyard.pipeline.report_charts import CLASS_PALETTE, OTHER, PALETTE
+
+    data = example(curves={"tip-adapter+ship": {"seed 1": [2.0, 1.0], "seed 2": [2.5, 1.5]},
+                           "SHIP generator": [3.0, 2.0]}, curves_y="loss",
+                   sides={"base": ["cat", "dog"], "new": [NASTY]},
+                   per_class={"zero-shot": {"cat": 0.0, "dog": 50.0, NASTY: None},
+                              "tip-adapter+ship": {"cat": 10.0, "dog": 20.0, NASTY: 30.0}})
+    parts = sections(render_report(data))
+    bars, curves = parts["per-class"], parts["curves"]
+    # Methods keep their table colour in the bars and the curves; a zero is a visible bar.
+    assert f'height="2.0" fill="{PALETTE[0]}"' in bars
+    assert bars.count(f'fill="{PALETTE[1]}"') >= 3 and f'stroke="{PALETTE[1]}"' in curves
+    assert f'stroke="{OTHER}"' in curves  # the generator is no method
+    assert "base classes" in bars and "new classes" in bars
+    assert curves.count("stroke-dasharray") == 1  # the second seed is dashed
+    assert ">loss</text>" in curves
+    projection = parts["projection"]
+    assert CLASS_PALETTE[0] in projection and f'fill="{PALETTE[0]}"' not in projection
 
 
 def test_text_is_escaped_everywhere() -> None:
@@ -187,3 +219,28 @@ def test_curves_render_for_every_kind_of_series(values: list) -> None:
     assert curves.count("<circle") == len(finite)
     if not finite:
         assert "no finite values" in curves
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless browser (apt-get install chromium)")
+@pytest.mark.parametrize("width", [1200, 480])
+def test_the_report_renders_in_a_real_browser(tmp_path: Path, width: int) -> None:
+    """Screenshots of the page, wide and narrow: drawn, not blank, as wide as the window."""
+    from PIL import Image
+
+    page = write_report(example(curves={"zero-shot": {"seed 1": [2.0, 1.0], "seed 2": [3.0, 1.5]}},
+                                curves_y="loss", sides={"base": ["cat", "dog"], "new": [NASTY]}),
+                        tmp_path / "r.html")
+    shot = tmp_path / f"shot{width}.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},1600",
+                    f"--screenshot={shot}", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (width, 1600)
+    colours = image.getcolors(maxcolors=1 << 20) or []
+    assert len(colours) > 100  # text, table shading, bars: far from a blank page
