@@ -130,3 +130,29 @@ def run_stage(manifest: Manifest, stage: str, *, seeds: tuple[int, ...] = (),
         methods = ()
     request = Request((), seeds, methods, {k: v for k, v in options.items() if v is not None})
     return stage_command(manifest, stage, request, device="cpu", strict=strict, force=force)
+
+
+def run_once(root: Path, manifest: Callable[[Path, Path], dict[str, Any]]) -> str:
+    """`shipyard run --json` on a fresh small demo under `root` (its own stat cache); the stdout.
+    For module-scoped fixtures whose tests each work on a copy (`copy_run`)."""
+    from shipyard.cli import app
+    from typer.testing import CliRunner
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SHIPYARD_CACHE_DIR", str(root / "cache"))
+        path = write_manifest(root / "m.yaml", manifest(make_small_demo(root), root / "s.zarr"))
+        result = CliRunner().invoke(app, ["--manifest", str(path), "--device", "cpu", "run",
+                                          "--json"])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def copy_run(root: Path, stdout: str, tmp_path: Path,
+             manifest: Callable[[Path, Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    """A test's own copy of a `run_once` store and reports, beside its own small demo (which
+    the `small_demo` fixture made at tmp_path/data): the manifest path and the run's summary."""
+    shutil.copytree(root / "s.zarr", tmp_path / "s.zarr")
+    if (root / "reports").exists():
+        shutil.copytree(root / "reports", tmp_path / "reports")
+    path = write_manifest(tmp_path / "m.yaml", manifest(tmp_path / "data", tmp_path / "s.zarr"))
+    return path, json.loads(stdout.replace(str(root), str(tmp_path)))

@@ -15,30 +15,39 @@ from shipyard.pipeline.artifacts import ADAPTER, CACHE, RUN, Ref, keys_of
 from shipyard.pipeline.store import FeatureStore
 from typer.testing import CliRunner
 
-from tests.conftest import manifest_dict, write_manifest
+from tests.conftest import copy_run, manifest_dict, run_once, write_manifest
 
 FAST = {"coop": {"epochs": 3}, "tip-adapter-f": {"epochs": 3}, "linear-probe": {"epochs": 3},
         "clip-adapter": {"epochs": 3}}
 
 
-def _manifest(tmp_path: Path, small_demo: Path, name: str = "m.yaml", **heads: Any) -> Path:
-    data = manifest_dict(small_demo, tmp_path / "s.zarr")
+def _data(small_demo: Path, store: Path, **heads: Any) -> dict[str, Any]:
+    data = manifest_dict(small_demo, store)
     data["ship"] = {"epochs": 3, "synthesize": {"per_class": 4}}
     data["heads"] = {"overrides": FAST, **heads}
     data["datasets"][0]["seeds"] = [1]
-    return write_manifest(tmp_path / name, data)
+    return data
+
+
+def _manifest(tmp_path: Path, small_demo: Path, name: str = "m.yaml", **heads: Any) -> Path:
+    return write_manifest(tmp_path / name, _data(small_demo, tmp_path / "s.zarr", **heads))
 
 
 def invoke(*args: str) -> Any:
     return CliRunner().invoke(app, list(args))
 
 
+@pytest.fixture(scope="module")
+def ran_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The whole pipeline, run once for the module; each test gets a copy of its store."""
+    root = tmp_path_factory.mktemp("ran")
+    return root, run_once(root, _data)
+
+
 @pytest.fixture
-def ran(tmp_path: Path, small_demo: Path) -> dict[str, Any]:
-    path = _manifest(tmp_path, small_demo)
-    result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
-    assert result.exit_code == 0, result.output
-    return {"path": path, "out": json.loads(result.stdout), "tmp": tmp_path}
+def ran(ran_once: tuple[Path, str], tmp_path: Path, small_demo: Path) -> dict[str, Any]:
+    path, out = copy_run(*ran_once, tmp_path, _data)
+    return {"path": path, "out": out, "tmp": tmp_path}
 
 
 def test_run_trains_every_head_and_reports(ran: dict[str, Any]) -> None:

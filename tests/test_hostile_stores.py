@@ -15,20 +15,37 @@ import zarr
 from shipyard.cli import app
 from typer.testing import CliRunner
 
-from tests.conftest import manifest_dict, write_manifest
+from tests.conftest import copy_run, manifest_dict, run_once
 
 
 def invoke(*args: str) -> Any:
     return CliRunner().invoke(app, list(args))
 
 
+def _zero_shot(data: Path, store: Path) -> dict[str, Any]:
+    return manifest_dict(data, store)
+
+
+def _with_heads(data: Path, store: Path) -> dict[str, Any]:
+    out = manifest_dict(data, store)
+    out["heads"] = {"methods": ["zero-shot", "coop", "tip-adapter", "tip-adapter-f"],
+                    "overrides": {"coop": {"epochs": 2}, "tip-adapter-f": {"epochs": 2}}}
+    out["datasets"][0]["seeds"] = [1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("evaluated")
+    return root, run_once(root, _zero_shot)
+
+
 @pytest.fixture
-def evaluated(tmp_path: Path, small_demo: Path) -> dict[str, Any]:
-    """A store with features, records and a zero-shot run."""
-    path = write_manifest(tmp_path / "m.yaml", manifest_dict(small_demo, tmp_path / "s.zarr"))
-    result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
-    assert result.exit_code == 0, result.output
-    return {"path": path, "store": tmp_path / "s.zarr", "run": json.loads(result.stdout)}
+def evaluated(evaluated_once: tuple[Path, str], tmp_path: Path,
+              small_demo: Path) -> dict[str, Any]:
+    """A store with features, records and a zero-shot run (each test breaks its own copy)."""
+    path, out = copy_run(*evaluated_once, tmp_path, _zero_shot)
+    return {"path": path, "store": tmp_path / "s.zarr", "run": out}
 
 
 def _one_line(result: Any, code: int, fragment: str) -> None:
@@ -93,17 +110,18 @@ def test_readers_see_only_committed_state(evaluated: dict[str, Any]) -> None:
     assert status.exit_code == 0 and json.loads(status.stdout)["stale"] == []
 
 
+@pytest.fixture(scope="module")
+def with_heads_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("with_heads")
+    return root, run_once(root, _with_heads)
+
+
 @pytest.fixture
-def with_heads(tmp_path: Path, small_demo: Path) -> dict[str, Any]:
-    data = manifest_dict(small_demo, tmp_path / "s.zarr")
-    data["heads"] = {"methods": ["zero-shot", "coop", "tip-adapter", "tip-adapter-f"],
-                     "overrides": {"coop": {"epochs": 2}, "tip-adapter-f": {"epochs": 2}}}
-    data["datasets"][0]["seeds"] = [1]
-    path = write_manifest(tmp_path / "m.yaml", data)
-    result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
-    assert result.exit_code == 0, result.output
-    jobs = {j["id"]: j["key"] for j in json.loads(result.stdout)["jobs"]}
-    return {"path": path, "store": tmp_path / "s.zarr", "jobs": jobs}
+def with_heads(with_heads_once: tuple[Path, str], tmp_path: Path,
+               small_demo: Path) -> dict[str, Any]:
+    path, out = copy_run(*with_heads_once, tmp_path, _with_heads)
+    return {"path": path, "store": tmp_path / "s.zarr",
+            "jobs": {j["id"]: j["key"] for j in out["jobs"]}}
 
 
 def _chunks(store: Path, array: str) -> Path:
