@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 from shipyard.pipeline.manifest_files import load_manifest  # noqa: E402
 from shipyard.pipeline.models import encode_images, load_clip  # noqa: E402
 from shipyard.pipeline.preprocess import clean_view, decode  # noqa: E402
-from shipyard.stages.extract import ExtractOptions, run  # noqa: E402
+from shipyard.stages.commands import stage_command  # noqa: E402
+from shipyard.stages.runner import Request  # noqa: E402
 
 DEMO = ROOT / "examples" / "fashion_demo"
 
@@ -73,7 +74,8 @@ def extract_rate(manifest_path: Path, reps: int) -> tuple[float, float]:
     for _ in range(reps):
         shutil.rmtree(m.store, ignore_errors=True)
         t0 = time.perf_counter()
-        out = run(m, ExtractOptions(device="cpu", cache_dir=Path(m.store).parent / "cache"))
+        out = stage_command(m, "extract", Request(methods=()), device="cpu",
+                            cache_dir=Path(m.store).parent / "cache")
         total.append(out["extracted"] / (time.perf_counter() - t0))
         phase.append(out["images_per_second"])
     return statistics.median(phase), statistics.median(total)

@@ -23,16 +23,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shipyard.pipeline.configs import ShipConfig, TrainConfig  # noqa: E402
-from shipyard.pipeline.features import FewShotSet, fewshot_set, select_labels  # noqa: E402
+from shipyard.pipeline.features import FewShotSet, fewshot_set  # noqa: E402
 from shipyard.pipeline.generator_training import make_optimizer, train_ship  # noqa: E402
 from shipyard.pipeline.manifest import AugmentSpec  # noqa: E402
 from shipyard.pipeline.manifest_files import load_manifest  # noqa: E402
+from shipyard.pipeline.models import load_clip  # noqa: E402
 from shipyard.pipeline.preprocess import augmented_views, decode  # noqa: E402
 from shipyard.pipeline.ship import ShipGenerator, ship_loss  # noqa: E402
 from shipyard.pipeline.store import FeatureStore  # noqa: E402
 from shipyard.pipeline.text_encoder import PromptEncoder  # noqa: E402
-from shipyard.stages.common import model_context, require_extractor  # noqa: E402
-from shipyard.stages.extract import ExtractOptions, run  # noqa: E402
+from shipyard.stages.commands import stage_command  # noqa: E402
+from shipyard.stages.runner import Request  # noqa: E402
 
 DEMO = ROOT / "examples" / "fashion_demo"
 
@@ -53,7 +54,8 @@ def prepare(work: Path, model: str, views: int) -> tuple[Path, float]:
     path = work / "manifest.yaml"
     path.write_text(yaml.safe_dump(manifest))
     t0 = time.perf_counter()
-    run(load_manifest(path), ExtractOptions(device="cpu", cache_dir=work / "cache"))
+    stage_command(load_manifest(path), "extract", Request(methods=()), device="cpu",
+                  cache_dir=work / "cache")
     return path, time.perf_counter() - t0
 
 
@@ -96,22 +98,22 @@ def bench_model(name: str, epochs: int, views: int, batch: int) -> dict[str, flo
     with tempfile.TemporaryDirectory() as tmp:
         path, extract_s = prepare(Path(tmp), name, views)
         m = load_manifest(path)
-        ctx = model_context(m, "cpu")
+        clip = load_clip(m.model, torch.device("cpu"))
         with FeatureStore.open(m.store) as store:
-            ex = require_extractor(store, ctx)
-            base = select_labels(store, "demo", "base")
-            data = fewshot_set(store, ex, "demo", 16, 1, base, ctx.clip.device)
+            ex = store.extractor(store.extractor_fps()[0])
             ds = store.dataset("demo")
+            base = ds.base_labels
+            data = fewshot_set(ds, ex, 16, 1, base, clip.device)
             rows = ds.fewshot(16, 1)
             rows = rows[torch.isin(torch.from_numpy(ds.labels()[rows]), torch.tensor(base)).numpy()]
             paths = [ds.paths()[r] for r in rows]
         images = [(DEMO / "images" / p).read_bytes() for p in paths]
         torch.manual_seed(0)
-        gen = ShipGenerator(PromptEncoder.from_clip(ctx.clip), ShipConfig())
+        gen = ShipGenerator(PromptEncoder.from_clip(clip), ShipConfig())
         cached = statistics.median(cached_epochs(gen, data, epochs, batch))
         torch.manual_seed(0)
-        gen = ShipGenerator(PromptEncoder.from_clip(ctx.clip), ShipConfig())
-        ref = statistics.median(reference_epochs(gen, ctx.clip, images, data.labels,
+        gen = ShipGenerator(PromptEncoder.from_clip(clip), ShipConfig())
+        ref = statistics.median(reference_epochs(gen, clip, images, data.labels,
                                                  data.classnames, epochs, batch))
     return {"images": float(data.size), "extract_once_s": extract_s, "cached_s": cached,
             "reference_s": ref}

@@ -63,7 +63,7 @@ def _time_modes(modes: dict[str, tuple[PromptEncoder, bool]], inputs: tuple, rep
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, float | int | str]:
-    clip = load_clip(ModelSpec(name), torch.device("cpu"))
+    clip = load_clip(ModelSpec(name=name), torch.device("cpu"))
     single = PromptEncoder.from_clip(clip)
     grouped = PromptEncoder.from_clip(clip, length_groups=args.groups)
     prompts = single.class_prompts(CLASS_NAMES, n_ctx=args.n_ctx)

@@ -219,7 +219,7 @@ def plan_records(plan: DatasetPlan, have: set[bytes], stored_failures: list[dict
                           views_for)
 
 
-def require_planned(job: str, name: str, have: str, planned: str) -> None:
+def require_planned(job: str, name: str, have: Any, planned: Any) -> None:
     """Refuse to compute on other data than the plan named: the store changed since planning."""
     if have != planned:
         raise StoreError(f"{job}: the store's {name} features are not the planned ones "

@@ -23,6 +23,10 @@ class StoreError(ShipyardError):
     """The feature store is missing, damaged or not what the caller expected."""
 
 
+class StoreMissingError(StoreError):
+    """There is no shipyard store at the location (yet)."""
+
+
 class StoreReadOnlyError(StoreError):
     """A write was attempted on a store opened read-only."""
 

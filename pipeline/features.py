@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from .dataset_plan import relabel, subset_key
-from .errors import StoreError, UsageError
-from .records import Extractor
-from .store import FeatureStore
+from .errors import StoreError
+from .records import Extractor, StoredDataset
 from .zarr_nodes import require_unit_rows
 
 
@@ -32,22 +31,11 @@ class FewShotSet:
         return int(self.labels.shape[0])
 
 
-def select_labels(store: FeatureStore, dataset: str, which: str) -> list[int]:
-    """Label ids of `base`, `new` or `all` classes of a stored dataset."""
-    ds = store.dataset(dataset)
-    if which == "base":
-        return ds.base_labels
-    if which == "new":
-        return ds.new_labels
-    if which == "all":
-        return list(range(len(ds.classnames)))
-    raise UsageError(f"unknown class selection {which!r} (expected base, new or all)")
-
-
-def fewshot_set(store: FeatureStore, extractor: Extractor, dataset: str, shots: int, seed: int,
+def fewshot_set(ds: StoredDataset, extractor: Extractor, shots: int, seed: int,
                 labels: list[int], device: torch.device) -> FewShotSet:
-    """The K-shot subset (seed) restricted to `labels`, features gathered from `extractor`."""
-    ds = store.dataset(dataset)
+    """The K-shot subset (seed) of a stored dataset restricted to `labels`, features gathered
+    from `extractor`."""
+    dataset = str(ds.attrs["name"])
     rows = ds.fewshot(shots, seed)
     all_labels = ds.labels()
     rows = rows[np.isin(all_labels[rows], labels)]

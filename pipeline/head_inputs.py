@@ -17,7 +17,7 @@ from .errors import StoreError
 from .features import FewShotSet, fewshot_set
 from .heads import zero_shot_weights
 from .manifest import DatasetSpec
-from .records import Extractor
+from .records import Extractor, StoredDataset
 from .store import FeatureStore
 from .zarr_nodes import require_unit_rows
 
@@ -48,18 +48,18 @@ class HeadInputs:
                 "test": self.test.content_key, "text": list(self.text_keys)}
         for name, key in have.items():
             if name in inputs:
-                require_planned(job, name, str(key), str(inputs[name]))
+                require_planned(job, name, key, inputs[name])
 
 
 def head_inputs(store: FeatureStore, ex: Extractor, spec: DatasetSpec, seed: int,
                 device: torch.device) -> HeadInputs:
-    ds = store.dataset(spec.name)
+    ds = store.dataset(spec.name)  # read once: its arrays serve the shots, val and test
     base, new = ds.base_labels, ds.new_labels
-    train = fewshot_set(store, ex, spec.name, spec.shots, seed, base, device)
+    train = fewshot_set(ds, ex, spec.shots, seed, base, device)
     text, text_keys = zero_shot_text(ex, spec, ds.classnames, device)
     return HeadInputs(spec.name, seed, ds.classnames, base, new, text, text_keys, train,
-                      split_features(store, ex, spec.name, Split.VAL, device),
-                      split_features(store, ex, spec.name, Split.TEST, device))
+                      split_features(ds, ex, Split.VAL, device),
+                      split_features(ds, ex, Split.TEST, device))
 
 
 def zero_shot_text(ex: Extractor, spec: DatasetSpec, classnames: tuple[str, ...],
@@ -76,9 +76,9 @@ def zero_shot_text(ex: Extractor, spec: DatasetSpec, classnames: tuple[str, ...]
     return zero_shot_weights(sets).to(device), tuple(keys)
 
 
-def split_features(store: FeatureStore, ex: Extractor, dataset: str, split: Split,
+def split_features(ds: StoredDataset, ex: Extractor, split: Split,
                    device: torch.device) -> SplitFeatures:
-    ds = store.dataset(dataset)
+    dataset = str(ds.attrs["name"])
     rows = np.flatnonzero(ds.splits() == split)
     index = ex.images.index()
     keys = ds.keys()[rows]

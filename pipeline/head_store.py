@@ -5,7 +5,6 @@ classes, is refused with one line instead of scoring garbage."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 import torch
@@ -139,6 +138,3 @@ def load_cache(store: FeatureStore, key: str, extractor: str, inputs: HeadInputs
     return CachedTip(index, labels, inputs.text, float(attrs["alpha"]), float(attrs["beta"]),
                      params["topk"])
 
-
-def head_log(group: zarr.Group | None) -> list[dict[str, Any]]:
-    return list(attrs_of(group).get("log") or []) if group is not None else []

@@ -71,6 +71,11 @@ class Extractor:
                                          "augmented views (extraction.views: 0)")
         return RowTable(child_group(self.group, "views"), self.read_only)
 
+    def has_texts(self, template: str, classnames: tuple[str, ...]) -> bool:
+        """Whether the text set is committed (its features are not read)."""
+        return lookup(self.root, Ref.text_set(self.fp, text_key(self.fp, template, classnames))) \
+            is not None
+
     def texts(self, template: str, classnames: tuple[str, ...]) -> TextFeatures | None:
         key = text_key(self.fp, template, classnames)
         group = lookup(self.root, Ref.text_set(self.fp, key))
@@ -105,12 +110,16 @@ class StoredDataset:
         self.group = group
         self.version = version
         self.attrs = attrs_of(group)
+        self._arrays: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return int(self.array("labels").shape[0])
 
     def array(self, name: str) -> np.ndarray:
-        return read_sealed(child_array(self.group, name))
+        """A records array, read and checked once per object (versions never change)."""
+        if name not in self._arrays:
+            self._arrays[name] = read_sealed(child_array(self.group, name))
+        return self._arrays[name]
 
     @property
     def classnames(self) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ import zarr
 
 from . import artifacts
 from .artifacts import Draft, Ref
-from .errors import ExtractorMismatchError, StoreError, StoreReadOnlyError
+from .errors import ExtractorMismatchError, StoreError, StoreMissingError, StoreReadOnlyError
 from .fingerprint import fingerprint
 from .locations import (
     first_line,
@@ -57,7 +57,8 @@ class FeatureStore:
         except Exception as exc:  # network, credentials, permissions: one line, not a traceback
             raise StoreError(f"cannot reach store {location}: {first_line(exc)}") from None
         if not exists and not create:
-            raise StoreError(f"no shipyard store at {location} (run `shipyard extract` first)")
+            raise StoreMissingError(f"no shipyard store at {location} (run `shipyard extract` "
+                                    "first)")
         lock = None if read_only else take_lock(location)
         try:
             zstore = zarr_store(location, read_only, options)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..pipeline.artifacts import Slots
-from ..pipeline.errors import StoreError
+from ..pipeline.errors import StoreMissingError
 from ..pipeline.manifest import Manifest
 from ..pipeline.progress import Progress
 from ..pipeline.store import FeatureStore
@@ -84,8 +84,8 @@ def open_writable(manifest: Manifest, env: Environment, request: Request,
     passed `check`."""
     try:
         store = FeatureStore.open(manifest.store, read_only=False, options=manifest.store_options)
-    except StoreError as exc:
-        if not (create and str(exc).startswith("no shipyard store")):
+    except StoreMissingError:
+        if not create:
             raise
         check(build_plan(env, None, request))
         store = FeatureStore.open(manifest.store, read_only=False, create=True,
@@ -96,22 +96,13 @@ def open_writable(manifest: Manifest, env: Environment, request: Request,
         yield store, plan
 
 
-class open_existing:
+@contextmanager
+def open_existing(manifest: Manifest) -> Iterator[FeatureStore | None]:
     """The store read-only, or None when there is none yet."""
-
-    def __init__(self, manifest: Manifest) -> None:
-        self.manifest = manifest
-        self.store: FeatureStore | None = None
-
-    def __enter__(self) -> FeatureStore | None:
-        try:
-            self.store = FeatureStore.open(self.manifest.store, read_only=True,
-                                           options=self.manifest.store_options)
-        except StoreError as exc:
-            if not str(exc).startswith("no shipyard store"):
-                raise
-        return self.store
-
-    def __exit__(self, *exc: object) -> None:
-        if self.store is not None:
-            self.store.close()
+    try:
+        store = FeatureStore.open(manifest.store, read_only=True, options=manifest.store_options)
+    except StoreMissingError:
+        yield None
+        return
+    with store:
+        yield store

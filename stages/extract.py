@@ -37,7 +37,7 @@ def counts(store: FeatureStore, job: Job) -> dict[str, Any]:
         have_views = set(ex.view_table.index()) if ex and ex.views else set()
         rows = view_rows(d.spec, d.arrays, d.views_for)
         lacking = {d.arrays["keys"][r].tobytes() for r in rows} - have_views
-    texts = [t for t in d.spec.templates if ex is None or ex.texts(t, d.facts.classnames) is None]
+    texts = [t for t in d.spec.templates if ex is None or not ex.has_texts(t, d.facts.classnames)]
     return {"records": len(d.plan.data.records) + len(d.plan.data.rejected),
             "unusable": len(d.plan.failures) + len(d.known_failures),
             "missing_features": len(absent),
@@ -169,7 +169,7 @@ def _ensure_texts(clip: Any, ex: Extractor, works: list[Work]) -> int:
         d: PlannedDataset = w.job.detail
         names = d.facts.classnames
         for template in d.spec.templates:
-            if ex.texts(template, names) is None:
+            if not ex.has_texts(template, names):
                 features = encode_texts(clip, [template.format(c) for c in names])
                 ex.write_texts(template, names, features)
                 count += 1

@@ -62,7 +62,9 @@ def compute(work: Work) -> Outcome:
     data = {
         "title": f"shipyard: {job.dataset}",
         "notes": random_weights_note(env.manifest.model.pretrained)
-        + [w[0].upper() + w[1:] + "." for w in _warnings(store, job, record)],
+        + [w[0].upper() + w[1:] + "." for w in protocol_warnings(
+            ds.base_labels, ds.new_labels, int(ds.attrs["splits"]["val"]),
+            tunes_on_val(record["inputs"]["heads"]))],
         "protocol": f"{record['params']['protocol']}; mean over seeds "
                     f"{', '.join(str(s) for s in seeds)}",
         "table": [{k: r[k] for k in ("method", "base", "new", "h", "gzsl_seen", "gzsl_unseen",
@@ -78,12 +80,6 @@ def compute(work: Work) -> Outcome:
     }
     path = write_report(data, job.detail)
     return Outcome({}, {"report": str(path)})
-
-
-def _warnings(store: FeatureStore, job: Job, run: dict[str, Any]) -> list[str]:
-    ds = store.dataset(job.dataset)
-    return protocol_warnings(ds.base_labels, ds.new_labels, int(ds.attrs["splits"]["val"]),
-                             tunes_on_val(run["inputs"]["heads"]))
 
 
 def random_weights_note(pretrained: str | None) -> list[str]:

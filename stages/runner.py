@@ -225,10 +225,12 @@ def _run_derived(stage: Stage, job: Job, env: Environment, store: FeatureStore) 
 
 def _check_ready(plan: Plan, store: FeatureStore, targets: list[Job]) -> None:
     ids = {t.id for t in targets}
+    checked: set[str] = set()  # one upstream job is read by many targets: check it once
     for job in targets:
         for dep_id in job.deps:
-            if dep_id in ids:
+            if dep_id in ids or dep_id in checked:
                 continue
+            checked.add(dep_id)
             dep = plan.jobs[dep_id]
             reasons = staleness(dep, store)
             if reasons:

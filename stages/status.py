@@ -29,8 +29,9 @@ def status(manifest: Manifest, request: Request, *, device: str = "auto",
         slots = Slots.scan(store.root) if store else None
         if store is None:
             out["reason"] = f"no shipyard store at {manifest.store} yet; `extract` creates it"
+        wanted = plan.closure(plan.of("report"))
         for name, planned in plan.datasets.items():
-            jobs = [j for j in plan.closure(plan.of("report")) if j.dataset == name]
+            jobs = [j for j in wanted if j.dataset == name]
             states = [job_state(j, store, slots) for j in jobs]
             entry: dict[str, Any] = {"name": name}
             extract_job = next(j for j in jobs if j.stage == "extract")

@@ -41,8 +41,7 @@ def compute(work: Work) -> Outcome:
     spec, clip = env.manifest.dataset(job.dataset), env.clip
     ex = env.extractor(store)
     ds = store.dataset(job.dataset)
-    data = fewshot_set(store, ex, job.dataset, spec.shots, int(job.seed or 0), ds.base_labels,
-                       clip.device)
+    data = fewshot_set(ds, ex, spec.shots, int(job.seed or 0), ds.base_labels, clip.device)
     require_planned(job.id, "train", data.content_key, job.inputs["train"])
     config, train = ShipConfig(**job.params["ship"]), TrainConfig(**job.params["train"])
     resume = load_checkpoint(group, clip.device) if work.resumed else None

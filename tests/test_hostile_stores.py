@@ -22,10 +22,6 @@ def invoke(*args: str) -> Any:
     return CliRunner().invoke(app, list(args))
 
 
-def _zero_shot(data: Path, store: Path) -> dict[str, Any]:
-    return manifest_dict(data, store)
-
-
 def _with_heads(data: Path, store: Path) -> dict[str, Any]:
     out = manifest_dict(data, store)
     out["heads"] = {"methods": ["zero-shot", "coop", "tip-adapter", "tip-adapter-f"],
@@ -37,14 +33,14 @@ def _with_heads(data: Path, store: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def evaluated_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("evaluated")
-    return root, run_once(root, _zero_shot)
+    return root, run_once(root, manifest_dict)
 
 
 @pytest.fixture
 def evaluated(evaluated_once: tuple[Path, str], tmp_path: Path,
               small_demo: Path) -> dict[str, Any]:
     """A store with features, records and a zero-shot run (each test breaks its own copy)."""
-    path, out = copy_run(*evaluated_once, tmp_path, _zero_shot)
+    path, out = copy_run(*evaluated_once, tmp_path, manifest_dict)
     return {"path": path, "store": tmp_path / "s.zarr", "run": out}
 
 

@@ -115,3 +115,14 @@ def test_a_second_status_builds_no_model_and_imports_no_torch(tmp_path: Path,
     assert json.loads(lines[-1]) == [False, False]
     status = json.loads(lines[0])
     assert status["datasets"][0]["missing_features"] == 0  # it did read the store
+
+
+@pytest.mark.parametrize("bench", sorted(p.stem for p in (ROOT / "bench").glob("*.py")))
+def test_every_benchmark_imports_against_the_current_api(bench: str) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{bench}", ROOT / "bench" / f"{bench}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports only: main() runs under __main__
+    assert callable(module.main)
