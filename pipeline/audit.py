@@ -201,4 +201,7 @@ def _check_dataset(store: FeatureStore, name: str, have: list[set[bytes]],
             continue
         if rows.size and (rows.min() < 0 or rows.max() >= n):
             result.problems.append(f"{where}/{key}: rows out of range")
+        val = ds.fewshot_val(int(ds.attrs["shots"]), int(seed))
+        if val is not None and val.size and (val.min() < 0 or val.max() >= n):
+            result.problems.append(f"{where}/{key}: val rows out of range")
     result.count("records", n)

@@ -15,15 +15,32 @@ class HeadConfig:
     epochs: int = 200
     batch_size: int = 32
     lr: float = 2e-3
-    optimizer: str = "sgd"  # sgd (momentum 0.9, weight decay 5e-4) | adamw (eps 1e-4)
+    optimizer: str = "sgd"  # sgd | adamw (eps 1e-4)
+    momentum: float = 0.9  # SGD only; CoOp+SHIP's own recipe: 0
     weight_decay: float = 5e-4
-    warmup_epochs: int = 1  # constant lr 1e-5 first (CoOp), then cosine over the rest
+    warmup_epochs: int = 1  # constant lr 1e-5 first (CoOp), then cosine
+    schedule: str = "epoch"  # cosine stepped per epoch (Dassl) | per step (Tip-Adapter-F, SHIP)
+    drop_last: bool = True  # Dassl: drop the last partial batch when the set fills one batch
     seed: int = 0
     ratio: float = 0.2  # CLIP-Adapter residual ratio a
     n_ctx: int = 4  # CoOp context tokens
     ctx_init: str = "a photo of a"
-    alpha: float = 1.0  # Tip-Adapter
+    alpha: float = 1.0  # Tip-Adapter: Tip-Adapter-F trains at these; the fallback with no val
     beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        choices = {"optimizer": ("sgd", "adamw"), "schedule": ("epoch", "step")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+        positive = ("batch_size", "lr", "n_ctx")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)!r}")
+        for name in ("epochs", "warmup_epochs", "momentum", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

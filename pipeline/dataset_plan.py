@@ -22,15 +22,16 @@ from .datasets import (
     Record,
     Split,
     base_new_split,
+    dassl_few_shot,
     few_shot,
     read_dataset,
 )
 from .errors import StoreError
 from .fingerprint import fingerprint
 from .hashing import StatCache, default_cache_dir, hash_files
-from .manifest import DatasetSpec, ViewsFor
+from .manifest import DatasetSpec, Sampler, ViewsFor
 from .progress import Progress
-from .records import fewshot_name
+from .records import fewshot_name, fewshot_val_name
 
 
 @dataclass
@@ -88,8 +89,13 @@ def records_table(plan: DatasetPlan, valid: set[bytes]) -> RecordsTable:
         "splits": splits,
     }
     for seed in spec.seeds:
-        arrays[fewshot_name(spec.shots, seed)] = few_shot(labels, splits, spec.shots, seed,
-                                                          arrays["keys"])
+        if spec.sampler is Sampler.DASSL:
+            train, val = dassl_few_shot(labels, splits, spec.shots, seed, arrays["keys"])
+            arrays[fewshot_name(spec.shots, seed)] = train
+            arrays[fewshot_val_name(spec.shots, seed)] = val
+        else:
+            arrays[fewshot_name(spec.shots, seed)] = few_shot(labels, splits, spec.shots, seed,
+                                                              arrays["keys"])
     base, new = base_new_split(len(data.classnames))
     attrs: dict[str, Any] = {
         "name": spec.name,
@@ -99,6 +105,7 @@ def records_table(plan: DatasetPlan, valid: set[bytes]) -> RecordsTable:
         "new_labels": new,
         "shots": spec.shots,
         "seeds": list(spec.seeds),
+        "sampler": spec.sampler.value,
         "splits": {s.name.lower(): int((splits == s).sum()) for s in Split},
     }
     key = artifact_key(RECORDS, {"attrs": attrs},
@@ -132,6 +139,16 @@ def fewshot_rows(arrays: dict[str, np.ndarray], shots: int, seed: int,
     return rows[np.isin(arrays["labels"][rows], labels)]
 
 
+def val_rows(arrays: dict[str, np.ndarray], shots: int, seed: int,
+             labels: list[int]) -> np.ndarray:
+    """Record rows of the val images a head of this seed tunes on, restricted to `labels` (the
+    base classes): the seed's few-shot val subset, or the whole val split without one."""
+    rows = arrays.get(fewshot_val_name(shots, seed))
+    if rows is None:
+        rows = np.flatnonzero(arrays["splits"] == Split.VAL)
+    return rows[np.isin(arrays["labels"][rows], labels)]
+
+
 def relabel(values: np.ndarray, labels: list[int]) -> np.ndarray:
     """Dataset label ids -> positions in `labels` (0..C-1)."""
     remap = {label: i for i, label in enumerate(labels)}
@@ -148,7 +165,7 @@ class DatasetFacts:
     base: list[int]
     new: list[int]
     train: dict[int, str]  # seed -> base-class K-shot training set
-    val: str
+    val: dict[int, str]  # seed -> base-class val set a head tunes on
     test: str
     images: int  # records whose image has features
 
@@ -157,18 +174,20 @@ def facts_of(spec: DatasetSpec, arrays: dict[str, np.ndarray], attrs: dict[str, 
              key: str) -> DatasetFacts:
     classnames = tuple(attrs["classnames"])
     base, new = list(attrs["base_labels"]), list(attrs["new_labels"])
-    train = {}
+    train, val = {}, {}
     for seed in spec.seeds:
         rows = fewshot_rows(arrays, spec.shots, seed, base)
         train[seed] = subset_key(arrays["keys"][rows], relabel(arrays["labels"][rows], base),
                                  tuple(classnames[i] for i in base))
+        rows = val_rows(arrays, spec.shots, seed, base)
+        val[seed] = subset_key(arrays["keys"][rows], arrays["labels"][rows], classnames)
 
     def split(which: Split) -> str:
         rows = np.flatnonzero(arrays["splits"] == which)
         return subset_key(arrays["keys"][rows], arrays["labels"][rows], classnames)
 
-    return DatasetFacts(spec.name, key, classnames, base, new, train, split(Split.VAL),
-                        split(Split.TEST), len(arrays["labels"]))
+    return DatasetFacts(spec.name, key, classnames, base, new, train, val, split(Split.TEST),
+                        len(arrays["labels"]))
 
 
 def view_rows(spec: DatasetSpec, arrays: dict[str, np.ndarray], views_for: ViewsFor) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -230,15 +231,40 @@ def few_shot(labels: np.ndarray, splits: np.ndarray, shots: int, seed: int,
     return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
 
 
+def dassl_few_shot(labels: np.ndarray, splits: np.ndarray, shots: int, seed: int,
+                   keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, val rows) of a K-shot subset drawn as Dassl's `generate_fewshot_dataset` draws
+    it in CoOp's datasets: Python's `random` seeded with the run seed; the train records grouped by
+    label in order of first appearance; per label `random.sample(items, K)`, or every item in its
+    order when a label has fewer than K; then, from the same RNG, val at min(K, 4) per label.
+    Rows are in the order the sampler outputs them. With `keys` (R, 32), a later row of an image
+    already listed in the same split is not a candidate (none is in the public splits)."""
+    rng = random.Random(seed)
+    out = []
+    for split, k in ((Split.TRAIN, shots), (Split.VAL, min(shots, 4))):
+        rows = np.flatnonzero(splits == split)
+        if keys is not None and rows.size:
+            _, first = np.unique(keys[rows], axis=0, return_index=True)
+            rows = rows[np.sort(first)]
+        groups: dict[int, list[int]] = {}
+        for row in rows.tolist():
+            groups.setdefault(int(labels[row]), []).append(row)
+        picked: list[int] = []
+        for items in groups.values():
+            picked.extend(rng.sample(items, k) if len(items) >= k else items)
+        out.append(np.array(picked, dtype=np.int64))
+    return out[0], out[1]
+
+
 def protocol_warnings(base: Sequence[int], new: Sequence[int], val_images: int,
-                      tunes_on_val: bool) -> list[str]:
+                      tunes_on_val: bool, init: tuple[float, float] = (1.0, 1.0)) -> list[str]:
     """What makes a dataset's numbers mean less than they seem: a side with one class (its
     restricted accuracy is 100 by construction), or no val split for heads that tune on it."""
     out = [f"the {side} side has a single class, so its accuracy is 100 by construction"
            for side, labels in (("base", base), ("new", new)) if len(labels) == 1]
     if tunes_on_val and val_images == 0:
         out.append("there is no val split, so Tip-Adapter's alpha and beta were not searched "
-                   "(alpha 1, beta 1)")
+                   f"(the initial alpha {init[0]:g}, beta {init[1]:g})")
     return out
 
 

@@ -58,8 +58,17 @@ def head_inputs(store: FeatureStore, ex: Extractor, spec: DatasetSpec, seed: int
     train = fewshot_set(ds, ex, spec.shots, seed, base, device)
     text, text_keys = zero_shot_text(ex, spec, ds.classnames, device)
     return HeadInputs(spec.name, seed, ds.classnames, base, new, text, text_keys, train,
-                      split_features(ds, ex, Split.VAL, device),
+                      split_features(ds, ex, Split.VAL, device, rows=val_rows(ds, spec, seed)),
                       split_features(ds, ex, Split.TEST, device))
+
+
+def val_rows(ds: StoredDataset, spec: DatasetSpec, seed: int) -> np.ndarray:
+    """The base-class val rows a head of this seed tunes on (`dataset_plan.val_rows`, read from
+    the store): the seed's few-shot val subset, or the whole val split without one."""
+    rows = ds.fewshot_val(spec.shots, seed)
+    if rows is None:
+        rows = np.flatnonzero(ds.splits() == Split.VAL)
+    return rows[np.isin(ds.labels()[rows], ds.base_labels)]
 
 
 def zero_shot_text(ex: Extractor, spec: DatasetSpec, classnames: tuple[str, ...],
@@ -76,10 +85,12 @@ def zero_shot_text(ex: Extractor, spec: DatasetSpec, classnames: tuple[str, ...]
     return zero_shot_weights(sets).to(device), tuple(keys)
 
 
-def split_features(ds: StoredDataset, ex: Extractor, split: Split,
-                   device: torch.device) -> SplitFeatures:
+def split_features(ds: StoredDataset, ex: Extractor, split: Split, device: torch.device,
+                   rows: np.ndarray | None = None) -> SplitFeatures:
+    """Features of a split's rows (all of them unless `rows` is given), labels over all classes."""
     dataset = str(ds.attrs["name"])
-    rows = np.flatnonzero(ds.splits() == split)
+    if rows is None:
+        rows = np.flatnonzero(ds.splits() == split)
     index = ex.images.index()
     keys = ds.keys()[rows]
     missing = sum(k.tobytes() not in index for k in keys)

@@ -77,15 +77,18 @@ def stored_head(store: FeatureStore, kind: Kind, key: str, extractor: str,
 
 
 def make_head(clip: ClipModel, inputs: HeadInputs, method: str, cfg: HeadConfig,
-              syn: tuple[torch.Tensor, torch.Tensor] | None) -> nn.Module:
-    """The untrained model of a head method (its Tip-Adapter cache includes `syn` when given)."""
+              syn: tuple[torch.Tensor, torch.Tensor] | None,
+              base_only: bool = False) -> nn.Module:
+    """The untrained model of a head method (its Tip-Adapter cache includes `syn` when given).
+    `base_only`: CoOp trains with a softmax over the base classes alone (the baseline)."""
     keys = cache_keys(inputs.train.views, inputs.train.clean)
     key_labels = inputs.train.labels
     if syn is not None and method.startswith("tip-adapter"):  # synthesized features join the cache
         keys, key_labels = torch.cat([keys, syn[0]]), torch.cat([key_labels, syn[1]])
     encoder = PromptEncoder.from_clip(clip) if method == "coop" else None
     return build_head(method, text=inputs.text, cfg=cfg, keys=keys, key_labels=key_labels,
-                      encoder=encoder, classnames=inputs.classnames)
+                      encoder=encoder, classnames=inputs.classnames,
+                      train_classes=len(inputs.base) if base_only else None)
 
 
 def load_adapter(store: FeatureStore, key: str, clip: ClipModel, extractor: str,

@@ -39,15 +39,17 @@ class ZeroShot(nn.Module):
 
 
 class LinearProbe(nn.Module):
-    """Logistic regression on normalized features, initialised at the zero-shot classifier so a
-    class without training data keeps its zero-shot weights instead of a random row."""
+    """CoOp's linear probe (lpclip): logits W f + b on normalized features, W and b fitted by
+    L-BFGS logistic regression (`lpclip.search_logistic`), not by the epoch loop."""
 
     def __init__(self, text: torch.Tensor) -> None:
         super().__init__()
-        self.weight = nn.Parameter(F.normalize(text, dim=-1).clone())  # (C, D)
+        classes, dim = text.shape
+        self.weight = nn.Parameter(torch.zeros(classes, dim), requires_grad=False)  # (C, D)
+        self.bias = nn.Parameter(torch.zeros(classes), requires_grad=False)  # (C,)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return LOGIT_SCALE * f @ self.weight.T
+        return F.normalize(f, dim=-1) @ self.weight.T + self.bias
 
 
 class ClipAdapter(nn.Module):
@@ -70,10 +72,16 @@ class ClipAdapter(nn.Module):
 
 class CoOp(nn.Module):
     """Learnable context shared by all classes, `[SOS] ctx {class}. [EOS]` through the frozen
-    text encoder; the class text features are recomputed from the context at every step."""
+    text encoder; the class text features are recomputed from the context at every step.
 
-    def __init__(self, encoder: PromptEncoder, classnames: tuple[str, ...], cfg: HeadConfig) -> None:
+    With `train_classes` m, training sees only the first m classes (the base classes): the
+    softmax is over them, as CoOp's baseline builds its model from the base class names alone.
+    Evaluation always scores every class."""
+
+    def __init__(self, encoder: PromptEncoder, classnames: tuple[str, ...], cfg: HeadConfig,
+                 train_classes: int | None = None) -> None:
         super().__init__()
+        self.train_classes = train_classes
         init = encoder.context_from_text(cfg.ctx_init)
         if init.shape[0] != cfg.n_ctx:
             raise UsageError(f"ctx_init {cfg.ctx_init!r} has {init.shape[0]} tokens, n_ctx is "
@@ -83,8 +91,8 @@ class CoOp(nn.Module):
         self.prompts = encoder.class_prompts(classnames, cfg.n_ctx)
         self._frozen: torch.Tensor | None = None
 
-    def class_features(self) -> torch.Tensor:
-        labels = torch.arange(len(self.prompts), device=self.ctx.device)
+    def class_features(self, count: int | None = None) -> torch.Tensor:
+        labels = torch.arange(count or len(self.prompts), device=self.ctx.device)
         return self.encoder(self.ctx, labels, self.prompts)  # type: ignore[operator]
 
     def train(self, mode: bool = True) -> CoOp:
@@ -93,7 +101,7 @@ class CoOp(nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         if self.training:
-            text = self.class_features()
+            text = self.class_features(self.train_classes)
         else:
             if self._frozen is None:
                 with torch.no_grad():
@@ -135,7 +143,8 @@ BUILDERS: dict[str, Builder] = {
     "zero-shot": lambda text, **_: ZeroShot(text),
     "linear-probe": lambda text, **_: LinearProbe(text),
     "clip-adapter": lambda text, cfg, **_: ClipAdapter(text, cfg.ratio),
-    "coop": lambda text, cfg, encoder, classnames, **_: CoOp(encoder, classnames, cfg),
+    "coop": lambda text, cfg, encoder, classnames, train_classes=None, **_: CoOp(
+        encoder, classnames, cfg, train_classes),
     "tip-adapter": lambda text, cfg, keys, key_labels, **_: TipAdapter(
         text, keys, key_labels, cfg.alpha, cfg.beta, trainable=False),
     "tip-adapter-f": lambda text, cfg, keys, key_labels, **_: TipAdapter(

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from . import registry
+from .configs import HeadConfig
 from .errors import ManifestError
 from .locations import is_url
 
@@ -49,6 +50,11 @@ class ViewsFor(StrEnum):
     TRAIN = "train"  # augmented views for every training image
 
 
+class Sampler(StrEnum):
+    DASSL = "dassl"  # Dassl's generate_fewshot_dataset: Python random, K train + min(K, 4) val
+    NUMPY = "numpy"  # numpy Generator, with replacement when short; val is the whole val split
+
+
 class Protocol(StrEnum):
     CLEAN = "clean"  # last epoch (or val); seeds averaged
     PAPER = "paper"  # best epoch chosen on the test set, as the public SHIP / Tip-Adapter code do
@@ -64,6 +70,9 @@ Name = Annotated[str, Field(min_length=1, pattern=r"\S")]
 # A field written as one string or a list of them (read as a list).
 OneOrMany = WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1,
                                                            "items": {"type": "string"}}]})
+
+
+TipScale = tuple[Annotated[float, Field(ge=0.1, le=1000)], Annotated[float, Field(ge=0.1, le=1000)]]
 
 
 class ModelSpec(Spec):
@@ -139,7 +148,48 @@ class DatasetSpec(Spec):
         description="a template with one {}, a list of them (an ensemble), or preset:<Name>")
     shots: Count = 16
     seeds: tuple[Index, ...] = Field((1, 2, 3), min_length=1)
+    sampler: Sampler = Field(Sampler.DASSL, description=(
+        "dassl: CoOp's few-shot subsets seed for seed (K per class, val min(K, 4) per class); "
+        "numpy: shipyard's earlier sampler (with replacement when short, the whole val split)"))
     base_new: Literal["half"] = Field("half", description="labels [0, ceil(n/2)) base, rest new")
+    preset: str = Field("auto", description=(
+        "a benchmark dataset's settings (presets/datasets.json): auto (by the dataset's name), "
+        "a preset name, or none"))
+    tip_scale: TipScale | None = Field(None, description="[S_beta, S_alpha] for this dataset")
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-method training settings for this dataset")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Resolve `preset` to a preset's name (or none) and take its templates when the
+        manifest names none."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        wanted = data.get("preset", "auto")
+        if not isinstance(wanted, str):
+            return data  # the field's own validation says what is wrong
+        presets = registry.dataset_presets()
+        if wanted == "auto":
+            found = registry.find_preset(str(data.get("name", "")))
+            data["preset"] = found or "none"
+        elif wanted != "none":
+            found = registry.find_preset(wanted)
+            if found is None:
+                known = [p for p in presets if p != registry.DEFAULT_PRESET]
+                raise ValueError(f"preset: unknown dataset preset {wanted!r} (known: "
+                                 f"{', '.join(known)}, or none)")
+            data["preset"] = found
+        preset = presets.get(data["preset"])
+        if preset and preset.templates and "templates" not in data:
+            data["templates"] = "preset:" + preset.templates
+        return data
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_overrides(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return check_overrides(value)
 
     @field_validator("root", "split_file")
     @classmethod
@@ -199,8 +249,10 @@ class SynthesizeSpec(Spec):
 
 
 class ShipSpec(Spec):
-    variant: str = Field("default", description="a SHIP variant of presets/ship_variants.json")
-    epochs: Count = Field(50, description="ImageNet: 10")
+    variant: str | None = Field(None, description="a SHIP variant of presets/ship_variants.json; "
+                                                   "null: the dataset preset's (else default)")
+    epochs: Count | None = Field(None, description="null: the dataset preset's (ImageNet 10), "
+                                                   "else 50")
     batch_size: Count = 256
     lr: Annotated[float, Field(ge=1e-8, le=10)] = Field(1e-3, description="AdamW")
     seed: Index = Field(0, description="initialisation, batch order, view choice, noise")
@@ -209,8 +261,8 @@ class ShipSpec(Spec):
 
     @field_validator("variant")
     @classmethod
-    def _known_variant(cls, value: str) -> str:
-        return _known(value, list(registry.ship_variants()))
+    def _known_variant(cls, value: str | None) -> str | None:
+        return None if value is None else _known(value, list(registry.ship_variants()))
 
 
 class HeadsSpec(Spec):
@@ -218,9 +270,9 @@ class HeadsSpec(Spec):
         ("zero-shot", "coop", "coop+ship", "tip-adapter", "tip-adapter-f", "tip-adapter-f+ship"),
         min_length=1, description="heads to evaluate; +ship adds SHIP's synthesized features")
     protocol: Protocol = Protocol.CLEAN
-    tip_scale: tuple[Annotated[float, Field(ge=0.1, le=1000)],
-                     Annotated[float, Field(ge=0.1, le=1000)]] = Field(
-        (7.0, 3.0), description="[S_beta, S_alpha] of Tip-Adapter's alpha/beta grid on val")
+    tip_scale: TipScale | None = Field(
+        None, description="[S_beta, S_alpha] of Tip-Adapter's alpha/beta grid on val, for every "
+                          "dataset; null: each dataset's preset ([7, 3] without one)")
     cache_index: str = Field("flat", description="flat (exact) | ivf | hnsw (approximate)")
     cache_topk: Count | None = Field(None, description="neighbours of the approximate indexes")
     overrides: dict[str, dict[str, Any]] = Field(
@@ -243,18 +295,28 @@ class HeadsSpec(Spec):
     @field_validator("overrides")
     @classmethod
     def _known_overrides(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        fields = registry.config_fields()
-        for method, settings in value.items():
-            _known(method, list(registry.heads()))
-            for key, setting in (settings or {}).items():
-                want = fields.get(key)
-                if want is None:
-                    raise ValueError(f"{method}.{key}: unknown field (allowed: "
-                                     f"{', '.join(sorted(fields))})")
-                ok = isinstance(setting, want) or (want is float and isinstance(setting, int))
-                if not ok or isinstance(setting, bool):
-                    raise ValueError(f"{method}.{key}: expected {want.__name__}, got {setting!r}")
-        return value
+        return check_overrides(value)
+
+
+def check_overrides(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Training settings per method: `coop` applies to coop and coop+ship, `coop+ship` to that
+    variant only; each key a HeadConfig field of the right type and an allowed value."""
+    fields = registry.config_fields()
+    for method, settings in value.items():
+        _known(method, registry.head_names())
+        for key, setting in (settings or {}).items():
+            want = fields.get(key)
+            if want is None:
+                raise ValueError(f"{method}.{key}: unknown field (allowed: "
+                                 f"{', '.join(sorted(fields))})")
+            ok = isinstance(setting, want) or (want is float and isinstance(setting, int))
+            if not ok or (isinstance(setting, bool) and want is not bool):
+                raise ValueError(f"{method}.{key}: expected {want.__name__}, got {setting!r}")
+            try:
+                HeadConfig(**{key: setting})
+            except ValueError as exc:
+                raise ValueError(f"{method}.{exc}") from None
+    return value
 
 
 class Manifest(Spec):

@@ -159,5 +159,16 @@ class StoredDataset:
         return self.array(name)
 
 
+    def fewshot_val(self, shots: int, seed: int) -> np.ndarray | None:
+        """Rows of the seed's few-shot val subset (sampler dassl), None when the sampler keeps the
+        whole val split (numpy)."""
+        name = fewshot_val_name(shots, seed)
+        return self.array(name) if name in self.group else None
+
+
 def fewshot_name(shots: int, seed: int) -> str:
     return f"fewshot_k{shots}_seed{seed}"
+
+
+def fewshot_val_name(shots: int, seed: int) -> str:
+    return f"fewshot_val_k{shots}_seed{seed}"

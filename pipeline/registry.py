@@ -1,6 +1,7 @@
 """The registries, one per family, read from the presets: head methods (the stage that builds each,
-how `+ship` mixes synthetic features, defaults), Tip-Adapter cache index kinds and SHIP variants.
-CLI choices, manifest validation, the planner and the report derive from these. Torch-free."""
+how `+ship` mixes synthetic features, defaults), Tip-Adapter cache index kinds, SHIP variants and
+the benchmark datasets' presets. CLI choices, manifest validation, the planner and the report
+derive from these. Torch-free."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ class HeadSpec:
     reads_text: bool  # uses the zero-shot text classifier (CoOp builds its own from prompts)
     summary: str
     defaults: HeadConfig
+    ship_defaults: HeadConfig | None  # the '+ship' variant's recipe, when it has its own
+
+    def config(self, ship: bool) -> HeadConfig:
+        return self.ship_defaults if ship and self.ship_defaults else self.defaults
 
 
 @dataclass(frozen=True)
@@ -51,10 +56,55 @@ class ShipVariantSpec:
 def heads() -> dict[str, HeadSpec]:
     out = {}
     for name, h in _preset("heads").items():
+        defaults = replace(HeadConfig(), **h["defaults"])
+        ship = replace(defaults, **h["ship_defaults"]) if "ship_defaults" in h else None
         out[name] = HeadSpec(name, h["stage"], h["ship"], bool(h["reads_val"]),
-                             bool(h["reads_text"]), h["summary"],
-                             replace(HeadConfig(), **h["defaults"]))
+                             bool(h["reads_text"]), h["summary"], defaults, ship)
     return out
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """A benchmark dataset's settings from the public codes (presets/datasets.json)."""
+
+    name: str
+    aliases: tuple[str, ...]
+    templates: str | None  # a template preset (templates.json); None: the manifest's default
+    tip_scale: tuple[float, float]  # Tip-Adapter's [S_beta, S_alpha]
+    tip_init: tuple[float, float]  # Tip-Adapter's init [alpha, beta]
+    heads: dict[str, dict[str, Any]]  # HeadConfig fields per method ('+ship' keys: that variant)
+    ship: dict[str, Any]  # SHIP generator settings (epochs, variant)
+    sync_clip: dict[str, float]  # SYNC-CLIP's epochs and loss weights
+
+
+DEFAULT_PRESET = "default"
+
+
+@cache
+def dataset_presets() -> dict[str, DatasetPreset]:
+    out = {}
+    for name, p in _preset("datasets").items():
+        out[name] = DatasetPreset(
+            name, tuple(p["aliases"]), p["templates"],
+            (float(p["tip"]["scale"][0]), float(p["tip"]["scale"][1])),
+            (float(p["tip"]["init"][0]), float(p["tip"]["init"][1])),
+            p["heads"], p["ship"], p["sync_clip"])
+    return out
+
+
+def _folded(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def find_preset(name: str) -> str | None:
+    """The preset a dataset name selects: a preset's name or one of its aliases, case and
+    punctuation ignored (`oxford_pets`, `OxfordPets`, `oxford-pets`); None for any other name."""
+    want = _folded(name)
+    for preset in dataset_presets().values():
+        if preset.name != DEFAULT_PRESET and want in {_folded(a) for a in
+                                                      (preset.name, *preset.aliases)}:
+            return preset.name
+    return None
 
 
 @cache
@@ -97,12 +147,6 @@ def tunes_on_val(methods: Iterable[str]) -> bool:
         except KeyError:
             continue
     return False
-
-
-def head_config(method: str, overrides: dict[str, dict[str, Any]]) -> HeadConfig:
-    """The defaults of `method` (with or without '+ship') with the manifest's overrides applied."""
-    spec, _ship = split_method(method)
-    return replace(spec.defaults, **overrides.get(spec.name, {}))
 
 
 def config_fields() -> dict[str, type]:

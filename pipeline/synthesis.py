@@ -9,7 +9,7 @@ want new synthetic features every step).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -52,3 +52,18 @@ class Synthesizer:
     def fresh(self, labels: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
         """New samples for the given class indices (B,) -> (B, D), from the caller's RNG."""
         return self.generator.sample(labels.to(self.device), self.prompts, generator=rng)
+
+    def drawer(self, label_ids: Sequence[int]) -> Callable[[int, torch.Generator],
+                                                           tuple[torch.Tensor, torch.Tensor]]:
+        """A per-step sampler: `count` features of classes drawn uniformly from this synthesizer's
+        classes, labelled with `label_ids` (one per class, e.g. the dataset's new-class ids),
+        all from the caller's RNG: reproducible from its seed, new at every call."""
+        ids = torch.tensor(list(label_ids), dtype=torch.long, device=self.device)
+        if len(ids) != len(self.classnames):
+            raise ValueError(f"{len(ids)} label ids for {len(self.classnames)} classes")
+
+        def draw(count: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            index = torch.randint(len(ids), (count,), generator=rng, device=self.device)
+            return self.fresh(index, rng), ids[index]
+
+        return draw

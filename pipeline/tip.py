@@ -4,8 +4,6 @@ index that finds neighbours in large caches is `cache_index.py`."""
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from typing import Any
 
 import numpy as np
@@ -58,12 +56,6 @@ def tip_logits_sparse(queries: torch.Tensor, neighbour_sims: torch.Tensor,
 
 # --- alpha / beta search -----------------------------------------------------------------------
 
-def tip_scales() -> dict[str, tuple[float, float]]:
-    """Tip-Adapter's per-dataset search scales (S_beta, S_alpha), from presets/tip_scales.json."""
-    text = resources.files(__package__).joinpath("presets/tip_scales.json").read_text("utf-8")
-    return {name: (float(s["s_beta"]), float(s["s_alpha"])) for name, s in json.loads(text).items()}
-
-
 def search_grid(s_beta: float, s_alpha: float, beta_steps: int = 200,
                 alpha_steps: int = 20) -> tuple[list[float], list[float]]:
     """beta_i = 0.1 + i (S_beta - 0.1) / beta_steps, alpha_j likewise, i and j from 0 to steps - 1:
@@ -108,16 +100,19 @@ def search_alpha_beta(val_feats: torch.Tensor, val_labels: torch.Tensor, keys: t
 @torch.no_grad()
 def tune_alpha_beta(keys: torch.Tensor, key_labels: torch.Tensor, val_feats: torch.Tensor,
                     val_labels: torch.Tensor, text: torch.Tensor, classes: list[int],
-                    scale: tuple[float, float]) -> dict[str, float]:
-    """Tip-Adapter's grid search on the val images of `classes` (the classes the cache covers),
-    over those classes' logits only; labels are remapped to positions in `classes`."""
+                    scale: tuple[float, float], init: tuple[float, float]) -> dict[str, float]:
+    """Tip-Adapter's grid search on the val images of `classes` over those classes' logits only
+    (labels remapped to positions in `classes`). Keys of other classes add only to other classes'
+    logits, so they are left out of the search. With no val image of `classes` nothing is
+    searched: (alpha, beta) stay at `init` and val_accuracy is NaN."""
     cls = torch.tensor(classes, device=val_labels.device)
     keep = torch.isin(val_labels, cls)
     if not bool(keep.any()):
-        return {"alpha": 1.0, "beta": 1.0, "val_accuracy": float("nan")}
+        return {"alpha": float(init[0]), "beta": float(init[1]), "val_accuracy": float("nan")}
     remap = torch.full((text.shape[0],), -1, dtype=torch.long, device=cls.device)
     remap[cls] = torch.arange(len(cls), device=cls.device)
-    alpha, beta, acc = search_alpha_beta(val_feats[keep], remap[val_labels[keep]], keys,
-                                         remap[key_labels.to(cls.device)], text[cls], scale[0],
-                                         scale[1])
+    key_pos = remap[key_labels.to(cls.device).long()]
+    mine = key_pos >= 0
+    alpha, beta, acc = search_alpha_beta(val_feats[keep], remap[val_labels[keep]], keys[mine],
+                                         key_pos[mine], text[cls], scale[0], scale[1])
     return {"alpha": float(alpha), "beta": float(beta), "val_accuracy": float(acc)}

@@ -104,8 +104,8 @@ class Slot:
                     ) -> tuple[dict[str, Any], tuple[Job, ...], tuple[Ref, ...]]:
         """The inputs a head reads (by key), the jobs that make them, and stored artefacts it names
         directly: base shots always; the zero-shot text classifier unless it builds its own; val
-        when it tunes there; test when the `paper` protocol selects epochs on it; the synthetic
-        set with +ship."""
+        when it tunes there; test when the `paper` protocol selects epochs on it; with +ship the
+        generator for a pair head (fresh samples every step) or else the stored synthetic set."""
         assert self.seed is not None
         facts = self.facts
         inputs: dict[str, Any] = {"extractor": self.extractor, "train": facts.train[self.seed]}
@@ -114,12 +114,16 @@ class Slot:
         if head.reads_text:
             inputs["text"] = self.texts
         if head.reads_val:
-            inputs["val"] = facts.val
+            inputs["val"] = facts.val[self.seed]
         if protocol is Protocol.PAPER:
             inputs["test"] = facts.test
         if ship:
             explicit = self.options.get("synthetic")
-            if explicit:
+            if head.ship == "pair" and not explicit:
+                # Fresh samples every step from the generator (SHIP's run_coop), not a pool.
+                inputs["generator"] = self.upstream["train-generator"].key
+                deps += (self.upstream["train-generator"],)
+            elif explicit:
                 inputs["synthetic"] = explicit
                 requires = (Ref.of(SYNTHETIC, explicit),)
             else:

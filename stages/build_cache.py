@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..pipeline.artifacts import CACHE
+from ..pipeline.recipes import head_config, tip_scale
 from .base import Declared, Outcome, Scope, Slot, Stage, Work
 
 
@@ -18,9 +19,12 @@ def declare(slot: Slot) -> Declared | None:
     spec, ship = mine
     heads = slot.manifest.heads
     topk = slot.options.get("topk")
+    assert slot.method is not None
+    cfg = head_config(slot.manifest, slot.spec, slot.method)
     params = {"head": spec.name, "index": slot.options.get("index") or heads.cache_index,
               "topk": topk if topk is not None else heads.cache_topk,
-              "tip_scale": list(heads.tip_scale)}
+              "tip_scale": list(tip_scale(slot.manifest, slot.spec)),
+              "init": [cfg.alpha, cfg.beta]}
     inputs, deps, requires = slot.head_inputs(spec, ship, None)
     return Declared(params, inputs, deps, requires=requires)
 
@@ -47,9 +51,11 @@ def compute(work: Work) -> Outcome:
     if synthetic:
         syn, syn_labels = synthetic_features(store, synthetic, inputs, device)
         keys, labels = torch.cat([keys, syn]), torch.cat([labels, syn_labels])
-    classes = inputs.base + (inputs.new if synthetic else [])
+    # Tuned on base-class val only, with or without synthetic keys: nothing tuned here ever sees a
+    # labelled new-class image.
     tuned = tune_alpha_beta(keys, labels, inputs.val.features, inputs.val.labels, inputs.text,
-                            classes, tuple(job.params["tip_scale"]))
+                            inputs.base, tuple(job.params["tip_scale"]),
+                            tuple(job.params["init"]))
     index = CacheIndex.build(keys.cpu().numpy().astype(np.float32), job.params["index"])
     agreement = None if index.exact else _agreement(index, keys, labels, inputs, tuned,
                                                      job.params["topk"])

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..pipeline.artifacts import ADAPTER, GENERATOR, REPORT, RUN, Ref
 from ..pipeline.datasets import protocol_warnings
+from ..pipeline.recipes import tip_init
 from ..pipeline.registry import split_method, tunes_on_val
 from ..pipeline.report import report_key
 from ..pipeline.store import FeatureStore
@@ -64,7 +65,8 @@ def compute(work: Work) -> Outcome:
         "notes": random_weights_note(env.manifest.model.pretrained)
         + [w[0].upper() + w[1:] + "." for w in protocol_warnings(
             ds.base_labels, ds.new_labels, int(ds.attrs["splits"]["val"]),
-            tunes_on_val(record["inputs"]["heads"]))],
+            tunes_on_val(record["inputs"]["heads"]),
+            tip_init(env.manifest, env.manifest.dataset(job.dataset)))],
         "protocol": f"{record['params']['protocol']}; mean over seeds "
                     f"{', '.join(str(s) for s in seeds)}",
         "table": [{k: r[k] for k in ("method", "base", "new", "h", "gzsl_seen", "gzsl_unseen",

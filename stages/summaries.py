@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..pipeline.datasets import protocol_warnings
+from ..pipeline.recipes import tip_init
 from ..pipeline.registry import tunes_on_val
 from .base import Environment
 from .runner import Plan, Result
@@ -70,7 +71,7 @@ def adapter_summary(results: list[Result], plan: Plan, env: Environment) -> Summ
         row = {**_entry(r, "adapter"), "method": r.job.method,
                "synthetic": r.job.inputs.get("synthetic"),
                "selected_epoch": r.summary.get("selected_epoch")}
-        for k in ("final_loss", "alpha", "beta", "val_accuracy"):
+        for k in ("final_loss", "alpha", "beta", "c", "val_accuracy"):
             if k in r.summary:
                 row[k] = r.summary[k]
         rows.append(row)
@@ -105,7 +106,8 @@ def evaluate_summary(results: list[Result], plan: Plan, env: Environment) -> Sum
         planned = plan.datasets[r.job.dataset]
         warnings = protocol_warnings(planned.facts.base, planned.facts.new,
                                      planned.attrs["splits"]["val"],
-                                     tunes_on_val(r.job.inputs["heads"]))
+                                     tunes_on_val(r.job.inputs["heads"]),
+                                     tip_init(env.manifest, planned.spec))
         datasets.append({"name": r.job.dataset, "run": r.job.key, "status": r.status,
                          "table": table, "report": reports.get(r.job.dataset),
                          "warnings": warnings,

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..pipeline.artifacts import ADAPTER
 from ..pipeline.manifest import Protocol
-from ..pipeline.registry import head_config
+from ..pipeline.recipes import TIP_HEADS, head_config, tip_scale
 from .base import Declared, Outcome, Scope, Slot, Stage, Work
 
 
@@ -19,11 +19,12 @@ def declare(slot: Slot) -> Declared | None:
         return None
     spec, ship = mine
     heads = slot.manifest.heads
+    assert slot.method is not None
+    config = head_config(slot.manifest, slot.spec, slot.method)
     params: dict[str, Any] = {"head": spec.name, "mix": spec.ship if ship else None,
-                              "config": head_config(spec.name, heads.overrides).to_dict(),
-                              "protocol": heads.protocol.value}
-    if spec.reads_val:
-        params["tip_scale"] = list(heads.tip_scale)
+                              "config": config.to_dict(), "protocol": heads.protocol.value}
+    if spec.name in TIP_HEADS:
+        params["tip_scale"] = list(tip_scale(slot.manifest, slot.spec))
     inputs, deps, requires = slot.head_inputs(spec, ship, heads.protocol)
     return Declared(params, inputs, deps, requires=requires)
 
@@ -35,7 +36,7 @@ def compute(work: Work) -> Outcome:
     from ..pipeline.head_inputs import head_inputs
     from ..pipeline.head_store import make_head, synthetic_features
     from ..pipeline.head_training import HeadData, train_head
-    from ..pipeline.heads import TipAdapter
+    from ..pipeline.heads import LinearProbe, TipAdapter
     from ..pipeline.tip import tune_alpha_beta
     from ..pipeline.weights import save_tensors
 
@@ -49,29 +50,62 @@ def compute(work: Work) -> Outcome:
         if "synthetic" in job.inputs else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        head = make_head(clip, inputs, method, cfg, syn).to(device)
+        head = make_head(clip, inputs, method, cfg, syn, base_only=job.params["mix"] is None)
+        head = head.to(device)
     empty = torch.zeros(0, inputs.text.shape[1], device=device)
+    draw = fresh_draws(work, inputs) if "generator" in job.inputs else None
     data = HeadData(inputs.train.views, inputs.train.clean, inputs.train.labels,
                     syn[0] if syn else empty,
                     syn[1] if syn else torch.zeros(0, dtype=torch.long, device=device),
-                    mix=job.params["mix"] or "join")
+                    mix=job.params["mix"] or "join", draw=draw)
     select = test_h(inputs) if job.params["protocol"] == Protocol.PAPER.value else None
     out = train_head(head, data, cfg, select=select, progress=env.progress)
     tuned: dict[str, float] = {}
+    if isinstance(head, LinearProbe):
+        tuned = fit_probe(head, data, inputs)
     if isinstance(head, TipAdapter):
-        classes = inputs.base + (inputs.new if syn is not None else [])
+        # Base-class val only, with or without synthetic keys (no new-class label is ever seen).
         tuned = tune_alpha_beta(head.keys.detach(), head.key_labels, inputs.val.features,
-                                inputs.val.labels, inputs.text, classes,
-                                tuple(job.params["tip_scale"]))
+                                inputs.val.labels, inputs.text, inputs.base,
+                                tuple(job.params["tip_scale"]), (cfg.alpha, cfg.beta))
         head.alpha, head.beta = tuned["alpha"], tuned["beta"]
     save_tensors(work.group, "weights", head.state_dict())
     last = out["log"][-1] if out["log"] else {}
-    summary = {"synthetic": job.inputs.get("synthetic"), "epochs": cfg.epochs,
+    summary = {"synthetic": job.inputs.get("synthetic") or
+               ("fresh" if "generator" in job.inputs else None), "epochs": cfg.epochs,
                "selected_epoch": out["selected_epoch"],
                "final_loss": round(float(last.get("loss", float("nan"))), 6), **tuned}
     attrs = {"log": out["log"], "selected_epoch": out["selected_epoch"],
              "classnames": list(inputs.classnames), **tuned}
     return Outcome(attrs, summary)
+
+
+def fresh_draws(work: Work, inputs: Any) -> Any:
+    """New-class features sampled at every step from the seed's generator, on the device."""
+    from ..pipeline.generators import load_generator
+    from ..pipeline.synthesis import Synthesizer
+
+    generator = load_generator(work.store, work.job.inputs["generator"], work.env.clip,
+                               work.env.extractor_fp)
+    synth = Synthesizer(generator, [inputs.classnames[i] for i in inputs.new])
+    return synth.drawer(inputs.new)
+
+
+def fit_probe(head: Any, data: Any, inputs: Any) -> dict[str, float]:
+    """lpclip: logistic regression on the clean base-class shots (and any synthetic features
+    that join them), C searched on base-class val; the fitted weights go into `head`."""
+    import torch
+
+    from ..pipeline.lpclip import search_logistic
+
+    x, y = data.clean, data.labels
+    if data.synthetic.shape[0]:
+        x, y = torch.cat([x, data.synthetic]), torch.cat([y, data.synthetic_labels])
+    fit = search_logistic(x, y, inputs.val.features, inputs.val.labels, len(inputs.classnames))
+    with torch.no_grad():
+        head.weight.copy_(fit.weight)
+        head.bias.copy_(fit.bias)
+    return {"c": fit.c, "val_accuracy": fit.val_accuracy}
 
 
 def test_h(inputs: Any) -> Any:

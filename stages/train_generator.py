@@ -9,18 +9,19 @@ from typing import Any
 from ..pipeline.artifacts import GENERATOR
 from ..pipeline.configs import TrainConfig
 from ..pipeline.dataset_plan import require_planned
-from ..pipeline.registry import ship_variants
+from ..pipeline.recipes import ship_settings
 from .base import Declared, Outcome, Scope, Slot, Stage, Work
 
 
 def declare(slot: Slot) -> Declared:
     ship = slot.manifest.ship
     assert slot.seed is not None  # a seed-scope stage
-    train = TrainConfig(epochs=slot.options.get("epochs") or ship.epochs,
+    _variant, config, epochs = ship_settings(slot.manifest, slot.spec)
+    train = TrainConfig(epochs=slot.options.get("epochs") or epochs,
                         batch_size=ship.batch_size, lr=ship.lr, seed=ship.seed)
     # checkpoint_every is not a parameter: a resumed run ends where an uninterrupted one does.
     return Declared(
-        params={"ship": ship_variants()[ship.variant].config.to_dict(),
+        params={"ship": config.to_dict(),
                 "train": train.to_dict(), "shots": slot.spec.shots},
         inputs={"extractor": slot.extractor, "train": slot.facts.train[slot.seed]},
         deps=(slot.upstream["extract"],))

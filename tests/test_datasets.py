@@ -141,3 +141,37 @@ def test_coop_split_file_errors(tmp_path: Path) -> None:
     data = read_dataset(spec)
     assert [r.path for r in data.records] == ["b.png", "c.png"]
     assert data.rejected[0].path == "../a.png" and "escapes" in data.rejected[0].reason
+
+
+@pytest.mark.parametrize("sampler", ["dassl", "numpy"])
+def test_the_records_say_which_sampler_drew_the_subsets(tmp_path: Path, small_demo: Path,
+                                                        sampler: str) -> None:
+    """dassl: the train and val subsets are Dassl's, val per seed; numpy: the earlier sampler and
+    the whole val split. The record names the sampler, and the planned val keys follow it."""
+    from shipyard.pipeline.dataset_plan import facts_of, plan_dataset, records_table, subset_key
+    from shipyard.pipeline.datasets import dassl_few_shot
+    from shipyard.pipeline.progress import Silent
+
+    spec = DatasetSpec.model_validate({
+        "name": "d", "format": "coop", "root": str(small_demo / "images"),
+        "split_file": str(small_demo / "split.json"), "shots": 4, "seeds": [1, 2],
+        "sampler": sampler})
+    plan = plan_dataset(spec, 1, Silent(), tmp_path / "cache")
+    arrays, attrs, key = records_table(plan, {k for _, k in plan.hashed()})
+    assert attrs["sampler"] == sampler
+    labels, splits, keys = arrays["labels"], arrays["splits"], arrays["keys"]
+    facts = facts_of(spec, arrays, attrs, key)
+    base = attrs["base_labels"]
+    for seed in (1, 2):
+        if sampler == "dassl":
+            train, val = dassl_few_shot(labels, splits, 4, seed, keys)
+            np.testing.assert_array_equal(arrays[f"fewshot_val_k4_seed{seed}"], val)
+        else:
+            train = few_shot(labels, splits, 4, seed, keys)
+            val = np.flatnonzero(splits == Split.VAL)
+            assert f"fewshot_val_k4_seed{seed}" not in arrays
+        np.testing.assert_array_equal(arrays[f"fewshot_k4_seed{seed}"], train)
+        val = val[np.isin(labels[val], base)]
+        assert facts.val[seed] == subset_key(keys[val], labels[val], tuple(attrs["classnames"]))
+    # small_demo has 2 val images per class: Dassl's min(K, 4) = 4 takes both, so the seeds agree
+    assert (facts.val[1] == facts.val[2]) is True

@@ -62,27 +62,32 @@ def planted() -> dict:
     synth = Synthesizer(gen, [NAMES[i] for i in new])
     syn = torch.cat([synth.per_class(j, SYN_PER_CLASS, seed=0) for j in range(len(new))])
     syn_y = torch.tensor(new).repeat_interleave(SYN_PER_CLASS)
-    return {"inputs": inputs, "enc": enc, "syn": syn, "syn_y": syn_y}
+    return {"inputs": inputs, "enc": enc, "syn": syn, "syn_y": syn_y,
+            "draw": Synthesizer(gen, [NAMES[i] for i in new]).drawer(new)}
 
 
 def _fit(planted: dict, method: str, with_ship: bool, **cfg_overrides: object) -> dict[str, float]:
     inputs: HeadInputs = planted["inputs"]
-    cfg = replace(heads()[method].defaults, **cfg_overrides)  # type: ignore[arg-type]
+    cfg = replace(heads()[method].config(with_ship), **cfg_overrides)  # type: ignore[arg-type]
     keys, key_labels = cache_keys(inputs.train.views, inputs.train.clean), inputs.train.labels
     syn, syn_y = planted["syn"], planted["syn_y"]
     if with_ship and method.startswith("tip"):
         keys, key_labels = torch.cat([keys, syn]), torch.cat([key_labels, syn_y])
     torch.manual_seed(0)
     head = build_head(method, text=inputs.text, cfg=cfg, keys=keys, key_labels=key_labels,
-                      encoder=planted["enc"], classnames=inputs.classnames)
+                      encoder=planted["enc"], classnames=inputs.classnames,
+                      train_classes=None if with_ship else len(inputs.base))
     empty = (torch.zeros(0, inputs.text.shape[1]), torch.zeros(0, dtype=torch.long))
+    pair = method == "coop"  # CoOp+SHIP: fresh samples every step, as SHIP's run_coop
     data = HeadData(inputs.train.views, inputs.train.clean, inputs.train.labels,
-                    *(syn, syn_y) if with_ship else empty, mix="pair" if method == "coop" else "join")
+                    *(syn, syn_y) if with_ship and not pair else empty,
+                    mix="pair" if pair else "join",
+                    draw=planted["draw"] if with_ship and pair else None)
     train_head(head, data, cfg)
     if method.startswith("tip"):
-        classes = inputs.base + (inputs.new if with_ship else [])
         tuned = tune_alpha_beta(head.keys.detach(), head.key_labels, inputs.val.features,
-                                inputs.val.labels, inputs.text, classes, (7.0, 3.0))
+                                inputs.val.labels, inputs.text, inputs.base, (7.0, 3.0),
+                                (cfg.alpha, cfg.beta))
         head.alpha, head.beta = tuned["alpha"], tuned["beta"]
     with torch.no_grad():
         head.eval()
@@ -94,19 +99,20 @@ def test_tip_adapter_f_with_ship_gains_on_new_classes(planted: dict) -> None:
     plain = _fit(planted, "tip-adapter-f", False)
     ship = _fit(planted, "tip-adapter-f", True)
     print(f"\nzero-shot {zero_shot}\ntip-adapter-f {plain}\ntip-adapter-f+ship {ship}")
-    # Measured (seeded): zero-shot B 24.7 / N 39.2; Tip-Adapter-F 47.3 / 39.2; +SHIP 47.5 / 61.8.
+    # Measured (seeded): zero-shot B 24.7 / N 39.2; Tip-Adapter-F 47.7 / 39.2; +SHIP 47.0 / 62.3.
     # Without synthesized features the cache holds no new class: new logits are zero-shot's.
     assert plain["new"] == pytest.approx(zero_shot["new"], abs=1e-9)
     assert ship["new"] >= plain["new"] + 10.0
     assert abs(ship["base"] - plain["base"]) <= 2.0
 
 
-def test_coop_with_ship_is_compared_with_coop(planted: dict) -> None:
-    """Reported whatever the result (the acceptance asks for the comparison, not a winner).
-    Measured (seeded, 30 epochs): CoOp B 42.7 / N 42.0; CoOp+SHIP B 44.8 / N 55.8."""
-    plain = _fit(planted, "coop", False, epochs=30)
-    ship = _fit(planted, "coop", True, epochs=30)
+def test_coop_with_ship_recovers_new_classes_on_ships_own_recipe(planted: dict) -> None:
+    """CoOp (Dassl, softmax over the base classes) against CoOp+SHIP (SHIP's run_coop: all
+    classes, fresh synthetic samples every step), 60 epochs each to keep the test short.
+    bench/heads_planted.py runs the full 200-epoch recipes over three seeds."""
+    plain = _fit(planted, "coop", False, epochs=60)
+    ship = _fit(planted, "coop", True, epochs=60)
     print(f"\ncoop {plain}\ncoop+ship {ship}")
-    for row in (plain, ship):
-        assert 0.0 <= row["new"] <= 100.0 and 0.0 <= row["base"] <= 100.0
-    assert plain["base"] > 100.0 / 20 * 2  # learned something on base (chance is 5%)
+    assert plain["base"] > 40.0  # learned on base (zero-shot: 24.7, chance 10)
+    assert ship["new"] >= plain["new"] + 8.0  # what SHIP exists for
+    assert ship["h"] > plain["h"]

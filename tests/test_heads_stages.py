@@ -251,20 +251,85 @@ def test_a_report_that_fails_leaves_the_results_stored_and_printed(
 
 def test_without_a_val_split_the_unsearched_alpha_beta_are_said(tmp_path: Path,
                                                                small_demo: Path) -> None:
+    """Nothing to search on: the cache keeps the dataset preset's initial alpha/beta (EuroSAT's
+    Tip-Adapter config: 2 and 1), and every place the numbers appear says so."""
     split = json.loads((small_demo / "split.json").read_text())
     split.pop("val")
     (small_demo / "split.json").write_text(json.dumps(split))
-    path = _manifest(tmp_path, small_demo, methods=["zero-shot", "tip-adapter"])
+    data = _data(small_demo, tmp_path / "s.zarr", methods=["zero-shot", "tip-adapter"])
+    data["datasets"][0]["preset"] = "EuroSAT"
+    path = write_manifest(tmp_path / "m.yaml", data)
     result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)["stages"]
     cache = out["build-cache"]["caches"][0]
-    assert (cache["alpha"], cache["beta"]) == (1.0, 1.0)
+    assert (cache["alpha"], cache["beta"]) == (2.0, 1.0)
     warning = ("there is no val split, so Tip-Adapter's alpha and beta were not searched "
-               "(alpha 1, beta 1)")
+               "(the initial alpha 2, beta 1)")
     evaluation = out["evaluate"]["datasets"][0]
     assert evaluation["warnings"] == [warning]
     assert "There is no val split" in Path(evaluation["report"]).read_text()
     zero_shot_only = _manifest(tmp_path, small_demo, name="z.yaml", methods=["zero-shot"])
     again = json.loads(invoke("--manifest", str(zero_shot_only), "run", "--json").stdout)
     assert again["stages"]["evaluate"]["datasets"][0]["warnings"] == []  # nothing tunes on val
+
+
+def test_ship_tip_heads_tune_on_the_seeds_base_class_val_subset(
+        tmp_path: Path, small_demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The +SHIP Tip heads search alpha/beta on base-class val only: never a labelled new-class
+    image. The val they read is the seed's Dassl val subset, min(K, 4) per class."""
+    import shipyard.pipeline.tip as tip
+    from shipyard.pipeline.datasets import Split, dassl_few_shot
+
+    seen: list[tuple[list[int], list[int]]] = []
+    real = tip.tune_alpha_beta
+
+    def spy(keys: Any, key_labels: Any, val_feats: Any, val_labels: Any, *args: Any) -> Any:
+        seen.append((val_labels.tolist(), sorted(set(key_labels.tolist()))))
+        return real(keys, key_labels, val_feats, val_labels, *args)
+
+    monkeypatch.setattr(tip, "tune_alpha_beta", spy)
+    data = _data(small_demo, tmp_path / "s.zarr", methods=["tip-adapter+ship", "tip-adapter-f+ship"])
+    data["datasets"][0]["shots"] = 2
+    path = write_manifest(tmp_path / "m.yaml", data)
+    result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(seen) == 2  # the cache and the trained head
+    store = FeatureStore.open(str(tmp_path / "s.zarr"))
+    ds = store.dataset(data["datasets"][0]["name"])
+    _train, val = dassl_few_shot(ds.labels(), ds.splits(), 2, 1, ds.keys())
+    base_val = [int(y) for y in ds.labels()[val] if y in ds.base_labels]
+    assert ds.attrs["sampler"] == "dassl" and (ds.splits()[val] == Split.VAL).all()
+    for val_labels, key_classes in seen:
+        assert val_labels == base_val  # 2 per base class (min(K, 4) = 2), in the sampler's order
+        assert set(val_labels) == set(ds.base_labels)
+        assert key_classes == list(range(len(ds.classnames)))  # synthetic new-class keys joined
+
+
+def test_linear_probe_is_lpclip_fitted_on_base_shots_with_c_searched_on_base_val(
+        tmp_path: Path, small_demo: Path) -> None:
+    """The stored probe is exactly lpclip's fit on the clean base-class shots, C chosen on the
+    seed's base-class val subset."""
+    import torch
+    from shipyard.pipeline.head_inputs import head_inputs
+    from shipyard.pipeline.lpclip import search_logistic
+    from shipyard.pipeline.manifest_files import load_manifest
+    from shipyard.pipeline.records import Extractor
+    from shipyard.pipeline.weights import load_tensors
+
+    path = _manifest(tmp_path, small_demo, methods=["linear-probe"])
+    result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["stages"]["train-adapter"]["adapters"][0]
+    store = FeatureStore.open(str(tmp_path / "s.zarr"))
+    m = load_manifest(path)
+    (fp,) = store.extractor_fps()
+    inputs = head_inputs(store, store.extractor(fp), m.datasets[0], 1, torch.device("cpu"))
+    assert isinstance(store.extractor(fp), Extractor)
+    fit = search_logistic(inputs.train.clean, inputs.train.labels, inputs.val.features,
+                          inputs.val.labels, len(inputs.classnames))
+    assert row["c"] == fit.c and row["val_accuracy"] == fit.val_accuracy
+    (key,) = keys_of(store.root, ADAPTER)
+    weights = load_tensors(store.lookup(Ref.of(ADAPTER, key)), "weights", torch.device("cpu"))
+    torch.testing.assert_close(weights["weight"], fit.weight)
+    torch.testing.assert_close(weights["bias"], fit.bias)

@@ -109,6 +109,12 @@ MATRIX: dict[str, tuple[Callable[[Path, dict[str, Any]], None], set[str]]] = {
                   "adapter:demo:seed1:tip-adapter-f+ship", *EVAL}),
     "shots": (_set("datasets.0.shots", 3), EVERYTHING),
     "seeds": (_set("datasets.0.seeds", [1, 2]), {"records:demo", *seed_jobs(2), *EVAL}),
+    "sampler": (_set("datasets.0.sampler", "numpy"), EVERYTHING),
+    # EuroSAT's preset: its search scales and init alpha reach the Tip heads; its Tip-Adapter-F
+    # epochs (100) do not, since the manifest's overrides sit above the preset.
+    "preset": (_set("datasets.0.preset", "EuroSAT"), {*READS_VAL, *EVAL}),
+    "dataset override, one variant": (_set("datasets.0.overrides", {"coop+ship": {"lr": 0.001}}),
+                                      {"adapter:demo:seed1:coop+ship", *EVAL}),
     # heads
     "coop epochs": (_set("heads.overrides.coop.epochs", 3),
                     {"adapter:demo:seed1:coop", "adapter:demo:seed1:coop+ship", *EVAL}),
@@ -127,8 +133,11 @@ MATRIX: dict[str, tuple[Callable[[Path, dict[str, Any]], None], set[str]]] = {
     "ship lr": (_set("ship.lr", 0.002), SHIP_SIDE),
     "ship seed": (_set("ship.seed", 1), SHIP_SIDE),
     "ship variant": (_set("ship.variant", "imagenet"), SHIP_SIDE),
+    # CoOp+SHIP samples fresh features from the generator every step: the stored pool is only
+    # the Tip-Adapter-F+SHIP cache's.
     "synthesize per_class": (_set("ship.synthesize.per_class", 4),
-                             SHIP_SIDE - {"generator:demo:seed1"}),
+                             {"synthetic:demo:seed1", "adapter:demo:seed1:tip-adapter-f+ship",
+                              *EVAL}),
     # the model and the recipe: another extractor, so everything
     "model init seed": (_set("model.init_seed", 1), EVERYTHING),
     "augmentation recipe": (_set("extraction.augment", {"scale": [0.4, 1.0]}), EVERYTHING),

@@ -16,7 +16,6 @@ from shipyard.pipeline.tip import (
     search_grid,
     tip_logits,
     tip_logits_sparse,
-    tip_scales,
 )
 
 D, C = 64, 20
@@ -235,8 +234,3 @@ def test_alpha_beta_search_equals_brute_force_with_first_best_on_ties(random_cac
     assert got[:2] == best and got[2] == pytest.approx(best_acc)
 
 
-def test_tip_scales_preset_holds_the_eleven_datasets() -> None:
-    scales = tip_scales()
-    assert len(scales) == 11
-    assert scales["ImageNet"] == (7.0, 3.0) and scales["Flowers102"] == (50.0, 50.0)
-    assert scales["StanfordCars"] == (20.0, 10.0) and scales["EuroSAT"] == (12.0, 10.0)
