@@ -67,6 +67,8 @@ def evaluate_text(s: Summary) -> str:
                      f"  {d['name']}: the report could not be written: {d.get('report_error')} "
                      "(the results below are stored)")
         lines += [f"  warning: {d['name']}: {w}" for w in d.get("warnings", [])]
+        if d.get("selection"):
+            lines.append(f"  selected: {d['selection']}")
         lines.append(f"    {'method':22}{'base':>8}{'new':>8}{'H':>8}   "
                      f"{'seen':>8}{'unseen':>8}{'H':>8}")
         for r in d["table"]:

@@ -137,6 +137,11 @@ def _check_table(table: RowTable, where: str, result: Verification) -> None:
                 result.problems.append(f"{where}/{col}: row {start + int(np.argmax(bad))} "
                                        f"is not finite ({int(bad.sum())} rows in block)")
                 break
+            if col == "norms":  # the raw features' norms: finite (above) and not negative
+                if (block < 0).any():
+                    result.problems.append(f"{where}/{col}: a negative norm in rows from {start}")
+                    break
+                continue
             norms = np.linalg.norm(block, axis=-1)
             off = np.abs(norms - 1.0) > NORM_TOLERANCE
             if off.any():

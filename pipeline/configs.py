@@ -27,9 +27,11 @@ class HeadConfig:
     ctx_init: str = "a photo of a"
     alpha: float = 1.0  # Tip-Adapter: Tip-Adapter-F trains at these; the fallback with no val
     beta: float = 1.0
+    keys: str = "raw-mean"  # Tip-Adapter's cache keys: raw-mean (its code) | unit-mean (SHIP's)
 
     def __post_init__(self) -> None:
-        choices = {"optimizer": ("sgd", "adamw"), "schedule": ("epoch", "step")}
+        choices = {"optimizer": ("sgd", "adamw"), "schedule": ("epoch", "step"),
+                   "keys": ("raw-mean", "unit-mean")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {', '.join(allowed)}, "

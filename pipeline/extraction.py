@@ -99,6 +99,14 @@ def _prefetched(batches: list[Sequence[WorkItem]], make: Callable[[Sequence[Work
                 pending.append(pool.submit(make, nxt))
 
 
+def split_norms(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw features (..., D) -> unit vectors (..., D) and their norms (...,) float32; the raw
+    feature is unit * norm. A zero vector keeps norm 0 and a zero unit vector."""
+    norms = np.linalg.norm(raw.astype(np.float32), axis=-1)
+    unit = raw / np.maximum(norms, np.finfo(np.float32).tiny)[..., None]
+    return unit.astype(np.float32), norms.astype(np.float32)
+
+
 def _batches(items: Sequence[WorkItem], batch: int) -> list[Sequence[WorkItem]]:
     return [items[i : i + batch] for i in range(0, len(items), batch)]
 
@@ -113,7 +121,7 @@ def aligned_batch(batch_size: int, chunk_rows: int) -> int:
 
 def encode_clean(clip: ClipModel, table: RowTable, items: Sequence[WorkItem], spec: ExtractionSpec,
                  progress: Progress, strict: bool) -> EncodeResult:
-    """Encode the clean view of each item into `table` (keys + features)."""
+    """Encode the clean view of each item into `table` (keys, unit features, norms)."""
     batch = aligned_batch(spec.batch_size, table.chunk_rows)
     return _encode(table, _batches(items, batch), lambda b: _clean_batch(b, clip, spec.max_pixels),
                    lambda x: encode_images(clip, x), len(items), "images", progress, strict,
@@ -122,7 +130,8 @@ def encode_clean(clip: ClipModel, table: RowTable, items: Sequence[WorkItem], sp
 
 def encode_views(clip: ClipModel, table: RowTable, items: Sequence[WorkItem], spec: ExtractionSpec,
                  progress: Progress, strict: bool) -> EncodeResult:
-    """Encode V seeded augmented views of each item into `table` (keys + (V, D) features)."""
+    """Encode V seeded augmented views of each item into `table` (keys, (V, D) unit features,
+    (V,) norms)."""
     batch = aligned_batch(max(1, spec.batch_size // spec.views), table.chunk_rows)
 
     def forward(x: torch.Tensor) -> np.ndarray:
@@ -153,7 +162,8 @@ def _encode(table: RowTable, batches: list[Sequence[WorkItem]],
                 features = forward(tensor)
                 result.model_seconds += time.perf_counter() - t0
                 keys = np.frombuffer(b"".join(i.key for i in good), np.uint8).reshape(-1, 32)
-                writer.add(keys, features=features.astype(np.float16))
+                unit, norms = split_norms(features)
+                writer.add(keys, features=unit.astype(np.float16), norms=norms)
                 result.encoded += len(good)
             task.advance(len(good) + len(failures))
     finally:

@@ -25,6 +25,8 @@ class FewShotSet:
     clean: torch.Tensor  # (M, D) float32, unit norm
     views: torch.Tensor  # (M, V, D) float32, unit norm; V = 0 when the extractor has no views
     content_key: str  # sha256 of the image keys, labels and class names: the set's identity
+    clean_norms: torch.Tensor | None = None  # (M,) norms of the raw features: raw = unit * norm
+    view_norms: torch.Tensor | None = None  # (M, V)
 
     @property
     def size(self) -> int:
@@ -44,9 +46,13 @@ def fewshot_set(ds: StoredDataset, extractor: Extractor, shots: int, seed: int,
                          f"classes in the store (run `shipyard extract`)")
     keys = ds.keys()[rows]  # (M, 32)
     new_labels = relabel(all_labels[rows], labels)
-    clean = _gather(extractor.images.index(), keys, extractor, "images", dataset)
-    views = (_gather(extractor.view_table.index(), keys, extractor, "views", dataset)
-             if extractor.views else np.zeros((len(rows), 0, extractor.dim), np.float16))
+    clean, clean_norms = _gather(extractor.images.index(), keys, extractor, "images", dataset)
+    if extractor.views:
+        views, view_norms = _gather(extractor.view_table.index(), keys, extractor, "views",
+                                    dataset)
+    else:
+        views = np.zeros((len(rows), 0, extractor.dim), np.float16)
+        view_norms = np.zeros((len(rows), 0), np.float32)
     classnames = tuple(ds.classnames[i] for i in labels)
     key = subset_key(keys, new_labels, classnames)
     return FewShotSet(
@@ -55,18 +61,30 @@ def fewshot_set(ds: StoredDataset, extractor: Extractor, shots: int, seed: int,
         clean=_unit(clean, device),
         views=_unit(views, device),
         content_key=key,
+        clean_norms=torch.from_numpy(clean_norms).to(device),
+        view_norms=torch.from_numpy(view_norms).to(device),
     )
 
 
 def _gather(index: dict[bytes, int], keys: np.ndarray, extractor: Extractor, table: str,
-            dataset: str) -> np.ndarray:
+            dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """The unit features and the norms of these images' rows in one of the extractor's tables."""
     missing = [k for k in keys if k.tobytes() not in index]
     if missing:
         raise StoreError(f"dataset {dataset}: {len(missing)} training images have no {table} in "
                          f"extractor {extractor.fp[:12]} (run `shipyard extract`)")
     rows = np.array([index[k.tobytes()] for k in keys], dtype=np.int64)
     source = extractor.images if table == "images" else extractor.view_table
-    return require_unit_rows(source.read("features", rows), f"extractor {extractor.fp[:12]} {table}")
+    where = f"extractor {extractor.fp[:12]} {table}"
+    features = require_unit_rows(source.read("features", rows), where)
+    if "norms" not in source.columns:
+        raise StoreError(f"{where}: no stored norms (written by an older shipyard; run `shipyard "
+                         "extract` to re-extract)")
+    norms = source.read("norms", rows).astype(np.float32)
+    if not np.isfinite(norms).all() or (norms < 0).any():
+        raise StoreError(f"{where}: norms that are negative or not finite; run "
+                         "`shipyard store verify`")
+    return features, norms
 
 
 def _unit(features: np.ndarray, device: torch.device) -> torch.Tensor:

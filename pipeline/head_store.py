@@ -81,7 +81,7 @@ def make_head(clip: ClipModel, inputs: HeadInputs, method: str, cfg: HeadConfig,
               base_only: bool = False) -> nn.Module:
     """The untrained model of a head method (its Tip-Adapter cache includes `syn` when given).
     `base_only`: CoOp trains with a softmax over the base classes alone (the baseline)."""
-    keys = cache_keys(inputs.train.views, inputs.train.clean)
+    keys = cache_keys(inputs.train.views, inputs.train.clean, inputs.train.view_norms, cfg.keys)
     key_labels = inputs.train.labels
     if syn is not None and method.startswith("tip-adapter"):  # synthesized features join the cache
         keys, key_labels = torch.cat([keys, syn[0]]), torch.cat([key_labels, syn[1]])

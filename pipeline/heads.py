@@ -130,10 +130,20 @@ class TipAdapter(nn.Module):
                           LOGIT_SCALE)
 
 
-def cache_keys(views: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """Tip-Adapter keys: the mean of the cached augmented views, normalized (clean if none)."""
+def cache_keys(views: torch.Tensor, clean: torch.Tensor, view_norms: torch.Tensor | None = None,
+               recipe: str = "raw-mean") -> torch.Tensor:
+    """Tip-Adapter keys from the cached augmented views (M, V, D), unit vectors with their norms
+    (M, V); the clean features when there are no views.
+
+    raw-mean (Tip-Adapter's utils.py): the average of the raw views, unit * norm, then
+    normalized. unit-mean (SHIP's copy): each view normalized first, then averaged, normalized."""
     if views.shape[1] == 0:
         return clean
+    if recipe == "raw-mean":
+        if view_norms is None:
+            raise UsageError("raw-mean cache keys need the views' norms")
+        raw = views * view_norms.to(views)[..., None]  # (M, V, D)
+        return F.normalize(raw.mean(dim=1), dim=-1)
     return F.normalize(views.mean(dim=1), dim=-1)  # (M, V, D) -> (M, D)
 
 

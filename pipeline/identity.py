@@ -21,7 +21,7 @@ from typing import Any
 from .fingerprint import fingerprint
 from .manifest import AugmentSpec, ExtractionSpec, ModelSpec
 
-EXTRACTOR_VERSION = 1  # bump when the meaning of stored features changes
+EXTRACTOR_VERSION = 2  # bump when the meaning of stored features changes (2: norms stored)
 
 
 @cache
@@ -89,7 +89,7 @@ def extractor_description(identity: ModelIdentity, spec: ExtractionSpec) -> dict
         "model": {"name": identity.name, "weights_sha256": identity.weights_sha256,
                   "precision": identity.precision},
         "preprocess": recipe(identity.preprocess, spec.views, spec.augment, spec.seed),
-        "head": "encode_image/l2-normalized",
+        "head": "encode_image: unit vectors + norms",
         "stored_dtype": "float16",
         "libraries": library_versions(),
     }

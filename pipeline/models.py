@@ -122,10 +122,11 @@ def state_dict_digest(model: torch.nn.Module) -> str:
 
 @torch.inference_mode()
 def encode_images(clip: ClipModel, batch: torch.Tensor) -> np.ndarray:
-    """(B, 3, S, S) preprocessed images -> (B, D) L2-normalized float32 features."""
+    """(B, 3, S, S) preprocessed images -> (B, D) raw float32 features: the image tower's output
+    before L2 normalization (Tip-Adapter averages raw views; SYNC-CLIP aligns raw features)."""
     dtype = next(clip.model.visual.parameters()).dtype
     features = clip.model.encode_image(batch.to(clip.device, dtype=dtype, non_blocking=True),
-                                       normalize=True)
+                                       normalize=False)
     out: np.ndarray = features.float().cpu().numpy()
     return out
 

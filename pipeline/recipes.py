@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from .configs import HeadConfig, ShipConfig
-from .manifest import DatasetSpec, Manifest
+from .manifest import DatasetSpec, Manifest, Protocol
 from .registry import (
     DEFAULT_PRESET,
     SHIP_SUFFIX,
@@ -71,3 +71,45 @@ def ship_settings(manifest: Manifest, spec: DatasetSpec) -> tuple[str, ShipConfi
 
 def family(method: str) -> str:
     return method.removesuffix(SHIP_SUFFIX)
+
+
+# How a reported head state is chosen: `clean` keeps the last epoch of every trained head;
+# `paper` follows each public code's own rule (presets/heads.json, "paper").
+SELECTIONS = {
+    "last": "last epoch",
+    "best-epoch": "best test H over epochs",
+    "best-generator-epoch": "best test H over generator epochs",
+}
+
+
+def selection(manifest: Manifest, method: str) -> str | None:
+    """The selection rule of `method` under the manifest's protocol; None for heads with nothing
+    to select (zero-shot, the training-free Tip-Adapter cache)."""
+    head, ship = split_method(method)
+    rule = head.paper_rule(ship)
+    if rule is None or manifest.heads.protocol is Protocol.CLEAN:
+        return None if rule is None else "last"
+    return rule
+
+
+def describe_selections(selections: dict[str, str | None]) -> str:
+    """One line naming how each head's numbers were chosen ("coop+ship: best test H over
+    generator epochs; tip-adapter-f: best test H over epochs; coop: last epoch")."""
+    groups: dict[str, list[str]] = {}
+    for method, rule in selections.items():
+        if rule is not None:
+            groups.setdefault(SELECTIONS[rule], []).append(method)
+    return "; ".join(f"{', '.join(ms)}: {label}" for label, ms in groups.items())
+
+
+def generator_epochs(epochs: int) -> list[int]:
+    """The generator epochs SHIP trains CoOp at under `paper`: 10, 20, ... (its code evaluates
+    every 10th of 50), and the last epoch when it is not one of them."""
+    out = list(range(10, epochs + 1, 10))
+    return out if out and out[-1] == epochs else [*out, epochs]
+
+
+def needs_generator_snapshots(manifest: Manifest) -> bool:
+    """Whether a head of the manifest selects over generator epochs (the generator then keeps
+    its weights at each of them)."""
+    return any(selection(manifest, m) == "best-generator-epoch" for m in manifest.heads.methods)

@@ -33,9 +33,14 @@ class HeadSpec:
     summary: str
     defaults: HeadConfig
     ship_defaults: HeadConfig | None  # the '+ship' variant's recipe, when it has its own
+    paper: str | None = None  # the `paper` protocol's selection rule (presets/heads.json)
+    ship_paper: str | None = None  # the '+ship' variant's, when it has its own
 
     def config(self, ship: bool) -> HeadConfig:
         return self.ship_defaults if ship and self.ship_defaults else self.defaults
+
+    def paper_rule(self, ship: bool) -> str | None:
+        return self.ship_paper if ship and self.ship_paper else self.paper
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,8 @@ def heads() -> dict[str, HeadSpec]:
         defaults = replace(HeadConfig(), **h["defaults"])
         ship = replace(defaults, **h["ship_defaults"]) if "ship_defaults" in h else None
         out[name] = HeadSpec(name, h["stage"], h["ship"], bool(h["reads_val"]),
-                             bool(h["reads_text"]), h["summary"], defaults, ship)
+                             bool(h["reads_text"]), h["summary"], defaults, ship,
+                             h.get("paper"), h.get("ship_paper"))
     return out
 
 

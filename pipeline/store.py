@@ -144,9 +144,12 @@ class FeatureStore:
         refuse_links(self.root, f"extractors/{fp}")
         group = groups.create_group(fp, overwrite=True, attributes={
             "fp": fp, "fingerprint": description, "dim": dim, "views": views, "created": utcnow()})
-        RowTable.create(group, "images", {"features": ((dim,), "float16")}, chunk_rows)
+        # Unit vectors (float16) and each row's norm (float32): the raw feature is their product.
+        RowTable.create(group, "images", {"features": ((dim,), "float16"),
+                                          "norms": ((), "float32")}, chunk_rows)
         if views > 0:  # (M, V, D); chunks hold about as many values as an images chunk
-            RowTable.create(group, "views", {"features": ((views, dim), "float16")},
+            RowTable.create(group, "views", {"features": ((views, dim), "float16"),
+                                             "norms": ((views,), "float32")},
                             max(1, chunk_rows // views))
         group.create_group("texts")
         group.attrs["complete_layout"] = True  # a layout killed half-way is simply rebuilt

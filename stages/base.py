@@ -21,7 +21,7 @@ from ..pipeline.errors import ExtractorMismatchError, ModelLoadError
 from ..pipeline.fingerprint import fingerprint
 from ..pipeline.hashing import default_cache_dir
 from ..pipeline.identity import IdentityCache, ModelIdentity, extractor_description
-from ..pipeline.manifest import DatasetSpec, Manifest, Protocol
+from ..pipeline.manifest import DatasetSpec, Manifest
 from ..pipeline.progress import Progress, Silent
 from ..pipeline.registry import HeadSpec, split_method
 
@@ -100,11 +100,11 @@ class Slot:
         spec, ship = split_method(self.method)
         return (spec, ship) if spec.stage == stage else None
 
-    def head_inputs(self, head: HeadSpec, ship: bool, protocol: Protocol | None,
+    def head_inputs(self, head: HeadSpec, ship: bool, reads_test: bool,
                     ) -> tuple[dict[str, Any], tuple[Job, ...], tuple[Ref, ...]]:
         """The inputs a head reads (by key), the jobs that make them, and stored artefacts it names
         directly: base shots always; the zero-shot text classifier unless it builds its own; val
-        when it tunes there; test when the `paper` protocol selects epochs on it; with +ship the
+        when it tunes there; test when its selection rule reads it (`paper`); with +ship the
         generator for a pair head (fresh samples every step) or else the stored synthetic set."""
         assert self.seed is not None
         facts = self.facts
@@ -115,7 +115,7 @@ class Slot:
             inputs["text"] = self.texts
         if head.reads_val:
             inputs["val"] = facts.val[self.seed]
-        if protocol is Protocol.PAPER:
+        if reads_test:
             inputs["test"] = facts.test
         if ship:
             explicit = self.options.get("synthetic")

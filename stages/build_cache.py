@@ -24,8 +24,8 @@ def declare(slot: Slot) -> Declared | None:
     params = {"head": spec.name, "index": slot.options.get("index") or heads.cache_index,
               "topk": topk if topk is not None else heads.cache_topk,
               "tip_scale": list(tip_scale(slot.manifest, slot.spec)),
-              "init": [cfg.alpha, cfg.beta]}
-    inputs, deps, requires = slot.head_inputs(spec, ship, None)
+              "init": [cfg.alpha, cfg.beta], "keys": cfg.keys}
+    inputs, deps, requires = slot.head_inputs(spec, ship, reads_test=False)
     return Declared(params, inputs, deps, requires=requires)
 
 
@@ -45,7 +45,8 @@ def compute(work: Work) -> Outcome:
     inputs = head_inputs(store, env.extractor(store), env.manifest.dataset(job.dataset),
                          int(job.seed or 0), device)
     inputs.check(job.inputs, job.id)
-    keys = cache_keys(inputs.train.views, inputs.train.clean)  # (M, D)
+    keys = cache_keys(inputs.train.views, inputs.train.clean, inputs.train.view_norms,
+                      job.params["keys"])  # (M, D)
     labels = inputs.train.labels
     synthetic = job.inputs.get("synthetic")
     if synthetic:

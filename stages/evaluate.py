@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..pipeline.artifacts import ADAPTER, CACHE, RUN, Kind, Ref
+from ..pipeline.recipes import selection
 from ..pipeline.registry import split_method
 from .base import Declared, Job, Outcome, Scope, Slot, Stage, Work
 
@@ -31,7 +32,9 @@ def declare(slot: Slot) -> Declared:
             heads[method] = {"kind": kind, "keys": [j.key if j else None for j in jobs]}
             deps += [j for j in jobs if j is not None]
     protocol = slot.manifest.heads.protocol.value
-    return Declared(params={"protocol": protocol, "seeds": list(slot.seeds)},
+    selections = {m: selection(slot.manifest, m) for m in heads if not explicit}
+    return Declared(params={"protocol": protocol, "seeds": list(slot.seeds),
+                            "selections": selections},
                     inputs={"extractor": slot.extractor, "test": slot.facts.test,
                             "text": slot.texts, "heads": heads},
                     deps=tuple(deps), requires=requires)
@@ -57,7 +60,9 @@ def compute(work: Work) -> Outcome:
                 task.advance(1)
     finally:
         task.close()
-    table = [{"method": m, **mean_row(rs), "seeds": len(rs)} for m, rs in rows.items()]
+    selections = job.params.get("selections", {})
+    table = [{"method": m, **mean_row(rs), "seeds": len(rs), "selection": selections.get(m)}
+             for m, rs in rows.items()]
     summary = {"table": [{k: v for k, v in r.items() if k != "per_class"} for r in table],
                "protocol": job.params["protocol"]}
     return Outcome({"table": table, "per_seed": rows}, summary)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..pipeline.artifacts import ADAPTER, GENERATOR, REPORT, RUN, Ref
 from ..pipeline.datasets import protocol_warnings
-from ..pipeline.recipes import tip_init
+from ..pipeline.recipes import describe_selections, tip_init
 from ..pipeline.registry import split_method, tunes_on_val
 from ..pipeline.report import report_key
 from ..pipeline.store import FeatureStore
@@ -68,7 +68,9 @@ def compute(work: Work) -> Outcome:
             tunes_on_val(record["inputs"]["heads"]),
             tip_init(env.manifest, env.manifest.dataset(job.dataset)))],
         "protocol": f"{record['params']['protocol']}; mean over seeds "
-                    f"{', '.join(str(s) for s in seeds)}",
+                    f"{', '.join(str(s) for s in seeds)}"
+                    + (f" ({chosen})" if (chosen := describe_selections(
+                        record["params"].get("selections", {}))) else ""),
         "table": [{k: r[k] for k in ("method", "base", "new", "h", "gzsl_seen", "gzsl_unseen",
                                      "gzsl_h", "seeds", "base_std", "new_std") if k in r}
                   for r in table],

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..pipeline.datasets import protocol_warnings
-from ..pipeline.recipes import tip_init
+from ..pipeline.recipes import describe_selections, tip_init
 from ..pipeline.registry import tunes_on_val
 from .base import Environment
 from .runner import Plan, Result
@@ -110,6 +110,7 @@ def evaluate_summary(results: list[Result], plan: Plan, env: Environment) -> Sum
                                      tip_init(env.manifest, planned.spec))
         datasets.append({"name": r.job.dataset, "run": r.job.key, "status": r.status,
                          "table": table, "report": reports.get(r.job.dataset),
+                         "selection": describe_selections(r.job.params.get("selections", {})),
                          "warnings": warnings,
                          **({"report_error": failed[r.job.dataset]} if r.job.dataset in failed
                             else {}),

@@ -8,8 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..pipeline.artifacts import ADAPTER
-from ..pipeline.manifest import Protocol
-from ..pipeline.recipes import TIP_HEADS, head_config, tip_scale
+from ..pipeline.recipes import (
+    TIP_HEADS,
+    generator_epochs,
+    head_config,
+    selection,
+    ship_settings,
+    tip_scale,
+)
 from .base import Declared, Outcome, Scope, Slot, Stage, Work
 
 
@@ -18,14 +24,22 @@ def declare(slot: Slot) -> Declared | None:
     if mine is None:
         return None
     spec, ship = mine
-    heads = slot.manifest.heads
     assert slot.method is not None
     config = head_config(slot.manifest, slot.spec, slot.method)
+    rule = selection(slot.manifest, slot.method)
+    explicit = bool(slot.options.get("synthetic"))
+    if rule == "best-generator-epoch" and explicit:
+        rule = "best-epoch"  # a named synthetic set: no generator to select over
+    # The selection rule, not the protocol: a head whose rule is the same under both protocols
+    # (CoOp's last epoch) is the same artefact under both.
     params: dict[str, Any] = {"head": spec.name, "mix": spec.ship if ship else None,
-                              "config": config.to_dict(), "protocol": heads.protocol.value}
+                              "config": config.to_dict(), "selection": rule}
+    if rule == "best-generator-epoch":
+        params["generator_epochs"] = generator_epochs(ship_settings(slot.manifest, slot.spec)[2])
     if spec.name in TIP_HEADS:
         params["tip_scale"] = list(tip_scale(slot.manifest, slot.spec))
-    inputs, deps, requires = slot.head_inputs(spec, ship, heads.protocol)
+    reads_test = rule in ("best-epoch", "best-generator-epoch")
+    inputs, deps, requires = slot.head_inputs(spec, ship, reads_test)
     return Declared(params, inputs, deps, requires=requires)
 
 
@@ -48,26 +62,44 @@ def compute(work: Work) -> Outcome:
     method, cfg = job.params["head"], HeadConfig(**job.params["config"])
     syn = synthetic_features(store, job.inputs["synthetic"], inputs, device) \
         if "synthetic" in job.inputs else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        head = make_head(clip, inputs, method, cfg, syn, base_only=job.params["mix"] is None)
-        head = head.to(device)
+    rule = job.params.get("selection")
     empty = torch.zeros(0, inputs.text.shape[1], device=device)
-    draw = fresh_draws(work, inputs) if "generator" in job.inputs else None
-    data = HeadData(inputs.train.views, inputs.train.clean, inputs.train.labels,
-                    syn[0] if syn else empty,
-                    syn[1] if syn else torch.zeros(0, dtype=torch.long, device=device),
-                    mix=job.params["mix"] or "join", draw=draw)
-    select = test_h(inputs) if job.params["protocol"] == Protocol.PAPER.value else None
-    out = train_head(head, data, cfg, select=select, progress=env.progress)
-    tuned: dict[str, float] = {}
+
+    def train(generator_epoch: int | None) -> tuple[Any, Any, dict[str, Any]]:
+        """One head trained from its seeded initialisation (on the generator of one epoch)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            head = make_head(clip, inputs, method, cfg, syn, base_only=job.params["mix"] is None)
+            head = head.to(device)
+        draw = fresh_draws(work, inputs, generator_epoch) if "generator" in job.inputs else None
+        data = HeadData(inputs.train.views, inputs.train.clean, inputs.train.labels,
+                        syn[0] if syn else empty,
+                        syn[1] if syn else torch.zeros(0, dtype=torch.long, device=device),
+                        mix=job.params["mix"] or "join", draw=draw)
+        select = test_h(inputs) if rule == "best-epoch" else None
+        return head, data, train_head(head, data, cfg, select=select, progress=env.progress)
+
+    tuned: dict[str, Any] = {}
+    if rule == "best-generator-epoch":  # SHIP: CoOp at generator epochs 10, 20, ...; best test H
+        score, best, tried = test_h(inputs), None, []
+        for epoch in job.params["generator_epochs"]:
+            trained = train(epoch)
+            h = score(trained[0])
+            tried.append({"generator_epoch": epoch, "test_h": h})
+            if best is None or h > best[0]:  # strict: the first best, as SHIP's `H > best_H`
+                best = (h, epoch, trained)
+        assert best is not None
+        head, data, out = best[2]
+        tuned = {"selected_generator_epoch": best[1], "generator_selection": tried}
+    else:
+        head, data, out = train(None)
     if isinstance(head, LinearProbe):
-        tuned = fit_probe(head, data, inputs)
+        tuned |= fit_probe(head, data, inputs)
     if isinstance(head, TipAdapter):
         # Base-class val only, with or without synthetic keys (no new-class label is ever seen).
-        tuned = tune_alpha_beta(head.keys.detach(), head.key_labels, inputs.val.features,
-                                inputs.val.labels, inputs.text, inputs.base,
-                                tuple(job.params["tip_scale"]), (cfg.alpha, cfg.beta))
+        tuned |= tune_alpha_beta(head.keys.detach(), head.key_labels, inputs.val.features,
+                                 inputs.val.labels, inputs.text, inputs.base,
+                                 tuple(job.params["tip_scale"]), (cfg.alpha, cfg.beta))
         head.alpha, head.beta = tuned["alpha"], tuned["beta"]
     save_tensors(work.group, "weights", head.state_dict())
     last = out["log"][-1] if out["log"] else {}
@@ -80,13 +112,14 @@ def compute(work: Work) -> Outcome:
     return Outcome(attrs, summary)
 
 
-def fresh_draws(work: Work, inputs: Any) -> Any:
-    """New-class features sampled at every step from the seed's generator, on the device."""
+def fresh_draws(work: Work, inputs: Any, epoch: int | None = None) -> Any:
+    """New-class features sampled at every step from the seed's generator (as it was after
+    `epoch`, when given), on the device."""
     from ..pipeline.generators import load_generator
     from ..pipeline.synthesis import Synthesizer
 
     generator = load_generator(work.store, work.job.inputs["generator"], work.env.clip,
-                               work.env.extractor_fp)
+                               work.env.extractor_fp, epoch)
     synth = Synthesizer(generator, [inputs.classnames[i] for i in inputs.new])
     return synth.drawer(inputs.new)
 

@@ -9,7 +9,7 @@ from typing import Any
 from ..pipeline.artifacts import GENERATOR
 from ..pipeline.configs import TrainConfig
 from ..pipeline.dataset_plan import require_planned
-from ..pipeline.recipes import ship_settings
+from ..pipeline.recipes import generator_epochs, needs_generator_snapshots, ship_settings
 from .base import Declared, Outcome, Scope, Slot, Stage, Work
 
 
@@ -20,9 +20,12 @@ def declare(slot: Slot) -> Declared:
     train = TrainConfig(epochs=slot.options.get("epochs") or epochs,
                         batch_size=ship.batch_size, lr=ship.lr, seed=ship.seed)
     # checkpoint_every is not a parameter: a resumed run ends where an uninterrupted one does.
+    params: dict[str, Any] = {"ship": config.to_dict(), "train": train.to_dict(),
+                              "shots": slot.spec.shots}
+    if needs_generator_snapshots(slot.manifest):  # `paper`: CoOp+SHIP selects over them
+        params["snapshots"] = generator_epochs(train.epochs)[:-1]
     return Declared(
-        params={"ship": config.to_dict(),
-                "train": train.to_dict(), "shots": slot.spec.shots},
+        params=params,
         inputs={"extractor": slot.extractor, "train": slot.facts.train[slot.seed]},
         deps=(slot.upstream["extract"],))
 
@@ -33,7 +36,12 @@ def compute(work: Work) -> Outcome:
     from ..pipeline.configs import ShipConfig
     from ..pipeline.features import fewshot_set
     from ..pipeline.generator_training import Checkpoint, train_ship
-    from ..pipeline.generators import drop_checkpoints, load_checkpoint, save_checkpoint
+    from ..pipeline.generators import (
+        drop_checkpoints,
+        load_checkpoint,
+        save_checkpoint,
+        snapshot_name,
+    )
     from ..pipeline.ship import ShipGenerator
     from ..pipeline.text_encoder import PromptEncoder
     from ..pipeline.weights import save_tensors
@@ -53,7 +61,12 @@ def compute(work: Work) -> Outcome:
     prompts = encoder.class_prompts(data.classnames, config.n_ctx)
     every = env.manifest.ship.checkpoint_every
 
+    snapshots = set(job.params.get("snapshots", []))
+
     def checkpoint(state: Checkpoint) -> None:
+        # The snapshot first: a checkpoint of this epoch implies its snapshot is whole.
+        if state.epoch in snapshots:
+            save_tensors(group, snapshot_name(state.epoch), state.model)
         if state.epoch % every == 0 and state.epoch < train.epochs:
             save_checkpoint(group, state)
 

@@ -32,6 +32,7 @@ def test_cached_features_equal_open_clip_directly(make_manifest: Callable[..., M
     paths = [small_demo / "images" / row[0] for row in split["test"][:16]]
     with torch.no_grad():
         batch = torch.stack([preprocess(Image.open(p)) for p in paths])
+        raw = model.encode_image(batch).numpy()
         direct = model.encode_image(batch, normalize=True).numpy()
     with FeatureStore.open(m.store) as store:
         table = store.extractor(out["extractor"]).images
@@ -40,10 +41,16 @@ def test_cached_features_equal_open_clip_directly(make_manifest: Callable[..., M
 
         rows = np.array([index[hashlib.sha256(p.read_bytes()).digest()] for p in paths])
         cached = table.read("features", rows).astype(np.float32)
+        norms = table.read("norms", rows)
     assert cached.shape == direct.shape == (16, 64)
     np.testing.assert_allclose(cached, direct, atol=1e-3, rtol=0)  # float16 storage
     cos = (cached * direct).sum(1) / np.linalg.norm(cached, axis=1)
     assert cos.min() > 0.9999
+    # The raw features' norms are kept beside the unit vectors: raw = unit * norm.
+    assert norms.dtype == np.float32 and norms.shape == (16,)
+    np.testing.assert_allclose(norms, np.linalg.norm(raw, axis=1), rtol=1e-5)
+    assert np.ptp(norms) > 1e-3  # they differ from image to image: the norms carry information
+    np.testing.assert_allclose(cached * norms[:, None], raw, atol=2e-3 * norms.max())
 
 
 def _break_images(small_demo: Path) -> dict[str, str]:

@@ -69,7 +69,8 @@ def planted() -> dict:
 def _fit(planted: dict, method: str, with_ship: bool, **cfg_overrides: object) -> dict[str, float]:
     inputs: HeadInputs = planted["inputs"]
     cfg = replace(heads()[method].config(with_ship), **cfg_overrides)  # type: ignore[arg-type]
-    keys, key_labels = cache_keys(inputs.train.views, inputs.train.clean), inputs.train.labels
+    keys = cache_keys(inputs.train.views, inputs.train.clean, torch.ones(inputs.train.views.shape[:2]))
+    key_labels = inputs.train.labels
     syn, syn_y = planted["syn"], planted["syn_y"]
     if with_ship and method.startswith("tip"):
         keys, key_labels = torch.cat([keys, syn]), torch.cat([key_labels, syn_y])

@@ -114,15 +114,49 @@ def test_approximate_cache_reports_its_agreement(ran: dict[str, Any]) -> None:
     assert 0.0 <= agreement["top1_agreement"] <= 1.0
 
 
-def test_paper_protocol_selects_on_test_and_says_so(tmp_path: Path, small_demo: Path) -> None:
-    path = _manifest(tmp_path, small_demo, protocol="paper", methods=["zero-shot", "coop"])
-    invoke("--manifest", str(path), "extract")
-    trained = json.loads(invoke("--manifest", str(path), "train-adapter", "--method", "coop",
-                                "--json").stdout)["adapters"][0]
-    assert 1 <= trained["selected_epoch"] <= 3
-    result = invoke("--manifest", str(path), "evaluate", "--json")
+def test_paper_protocol_follows_each_codes_rule_and_says_so(tmp_path: Path,
+                                                            small_demo: Path) -> None:
+    """`paper`: CoOp keeps its last epoch (CoOp's code), Tip-Adapter-F its best test epoch
+    (Tip-Adapter's main.py), CoOp+SHIP trains at generator epochs 10, 20 and keeps the best test
+    H (SHIP's main_coop_vae.py); the table, the JSON and the report say which rule made each."""
+    import numpy as np
+    from shipyard.pipeline.artifacts import GENERATOR
+
+    data = _data(small_demo, tmp_path / "s.zarr", protocol="paper",
+                 methods=["zero-shot", "coop", "coop+ship", "tip-adapter-f"])
+    data["ship"]["epochs"] = 20
+    path = write_manifest(tmp_path / "m.yaml", data)
+    result = invoke("--manifest", str(path), "--device", "cpu", "run", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["protocol"] == "paper"
+    out = json.loads(result.stdout)
+    adapters = {a["method"]: a for a in out["stages"]["train-adapter"]["adapters"]}
+    assert adapters["coop"]["selected_epoch"] == 3  # the last of FAST's 3 epochs
+    store = FeatureStore.open(str(tmp_path / "s.zarr"))
+    stored = {dict(g.attrs["record"])["params"]["head"] + ("+ship" if dict(
+        g.attrs["record"])["params"]["mix"] else ""): g
+        for g in (store.lookup(Ref.of(ADAPTER, k)) for k in keys_of(store.root, ADAPTER))}
+    tip = dict(stored["tip-adapter-f"].attrs)
+    scores = [e["select"] for e in tip["log"]]
+    assert tip["selected_epoch"] == 1 + int(np.argmax(scores))  # the first best test H
+    ship = dict(stored["coop+ship"].attrs)
+    tried = ship["generator_selection"]
+    assert [t["generator_epoch"] for t in tried] == [10, 20]
+    hs = [t["test_h"] for t in tried]
+    assert ship["selected_generator_epoch"] == tried[int(np.argmax(hs))]["generator_epoch"]
+    assert "test" not in dict(stored["coop"].attrs["record"])["inputs"]  # the last epoch reads none
+    assert "test" in dict(stored["coop+ship"].attrs["record"])["inputs"]
+    (gen_key,) = keys_of(store.root, GENERATOR)
+    generator = store.lookup(Ref.of(GENERATOR, gen_key))
+    assert "snapshot_10" in generator and "snapshot_20" not in generator  # 20: the final weights
+    evaluation = out["stages"]["evaluate"]
+    assert evaluation["protocol"] == "paper"
+    table = {r["method"]: r["selection"] for r in evaluation["datasets"][0]["table"]}
+    assert table == {"zero-shot": None, "coop": "last", "coop+ship": "best-generator-epoch",
+                     "tip-adapter-f": "best-epoch"}
+    said = ("coop: last epoch; coop+ship: best test H over generator epochs; tip-adapter-f: best "
+            "test H over epochs")
+    assert evaluation["datasets"][0]["selection"] == said
+    assert said in Path(evaluation["datasets"][0]["report"]).read_text()
 
 
 def test_head_of_another_extractor_is_refused(ran: dict[str, Any], small_demo: Path) -> None:
@@ -333,3 +367,28 @@ def test_linear_probe_is_lpclip_fitted_on_base_shots_with_c_searched_on_base_val
     weights = load_tensors(store.lookup(Ref.of(ADAPTER, key)), "weights", torch.device("cpu"))
     torch.testing.assert_close(weights["weight"], fit.weight)
     torch.testing.assert_close(weights["bias"], fit.bias)
+
+
+def test_a_stored_cache_holds_the_raw_average_of_the_stored_views(ran: dict[str, Any]) -> None:
+    """build-cache's keys, recomputed by hand from the extractor's stored unit views and norms."""
+    import numpy as np
+    from shipyard.pipeline.records import fewshot_name
+    from shipyard.pipeline.zarr_nodes import child_array, read_sealed
+
+    store = FeatureStore.open(str(ran["tmp"] / "s.zarr"))
+    (fp,) = store.extractor_fps()
+    ex = store.extractor(fp)
+    ds = store.dataset("demo")
+    rows = ds.array(fewshot_name(4, 1))
+    rows = rows[np.isin(ds.labels()[rows], ds.base_labels)]
+    index = ex.view_table.index()
+    at = np.array([index[k.tobytes()] for k in ds.keys()[rows]])
+    unit = ex.view_table.read("features", at).astype(np.float32)  # (M, V, D)
+    norms = ex.view_table.read("norms", at)  # (M, V)
+    unit /= np.linalg.norm(unit, axis=-1, keepdims=True)  # as the loader re-normalizes float16
+    mean = (unit * norms[..., None]).mean(axis=1)
+    expected = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    caches = [store.lookup(Ref.of(CACHE, k)) for k in keys_of(store.root, CACHE)]
+    plain = next(g for g in caches if "synthetic" not in dict(g.attrs["record"])["inputs"])
+    stored = read_sealed(child_array(plain, "keys"))
+    np.testing.assert_allclose(stored, expected, atol=1e-5)

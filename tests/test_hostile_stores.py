@@ -222,3 +222,23 @@ def test_every_command_fails_in_one_line_on_a_broken_store(evaluated: dict[str, 
             continue
         assert len(lines) == 1 and lines[0].startswith("error: "), (where, lines)
         assert out == {"error": lines[0].removeprefix("error: "), "exit_code": result.exit_code}
+
+
+def test_a_negative_or_infinite_stored_norm_fails_verify_and_is_refused(
+        with_heads: dict[str, Any]) -> None:
+    """The norms beside the unit vectors are data too: verify checks them, and a head reading a
+    broken one refuses in one line instead of training on it."""
+    store = with_heads["store"]
+    root = zarr.open_group(zarr.storage.LocalStore(store), mode="r+")
+    fp = next(iter(root["extractors"].group_keys()))
+    views = root[f"extractors/{fp}/views/norms"]
+    assert isinstance(views, zarr.Array)
+    broken = np.asarray(views[:]).copy()
+    broken[:] = -1.0
+    views[:] = broken
+    report = invoke("--store", str(store), "store", "verify", "--json")
+    assert report.exit_code == 1
+    problems = json.loads(report.stdout)["problems"]
+    assert any("views/norms: a negative norm" in p for p in problems), problems
+    result = invoke("--manifest", str(with_heads["path"]), "build-cache", "--force")
+    _one_line(result, 1, "norms that are negative or not finite")

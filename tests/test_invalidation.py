@@ -126,7 +126,12 @@ MATRIX: dict[str, tuple[Callable[[Path, dict[str, Any]], None], set[str]]] = {
     "cache_topk": (_set("heads.cache_topk", 8), {"cache:demo:seed1:tip-adapter", *EVAL}),
     "coop batch_size": (_set("heads.overrides.coop.batch_size", 16),
                         {"adapter:demo:seed1:coop", "adapter:demo:seed1:coop+ship", *EVAL}),
-    "protocol": (_set("heads.protocol", "paper"), {*seed_jobs(1, ship=False, cache=False), *EVAL}),
+    # paper: Tip-Adapter-F selects on test, CoOp+SHIP over generator epochs (the generator keeps
+    # their weights, so it and its synthetic set are new); CoOp keeps its last epoch either way.
+    "protocol": (_set("heads.protocol", "paper"),
+                 {"generator:demo:seed1", "synthetic:demo:seed1", "adapter:demo:seed1:coop+ship",
+                  "adapter:demo:seed1:tip-adapter-f", "adapter:demo:seed1:tip-adapter-f+ship",
+                  *EVAL}),
     # ship
     "ship epochs": (_set("ship.epochs", 3), SHIP_SIDE),
     "ship batch_size": (_set("ship.batch_size", 32), SHIP_SIDE),

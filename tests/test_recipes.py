@@ -300,3 +300,61 @@ def test_fresh_draws_differ_step_to_step_and_repeat_from_the_seed(encoder: Any) 
     labels = torch.cat([y[len(y) // 2:] for _, y in first])
     assert set(labels.tolist()) <= set(new_ids) and len(set(labels.tolist())) == 3
     torch.testing.assert_close(syn[0].norm(dim=-1), torch.ones(16))
+
+
+# --- Tip-Adapter's cache keys -------------------------------------------------------------------
+
+def test_raw_mean_keys_average_the_raw_views_as_tip_adapter_does() -> None:
+    """Tip-Adapter (utils.py build_cache_model): the raw train features of each augment epoch are
+    averaged, then normalized. SHIP's copy normalizes each view first: the unit-mean variant."""
+    from shipyard.pipeline.heads import cache_keys
+
+    unit = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # one image, two views (1, 2, 2)
+    norms = torch.tensor([[3.0, 1.0]])
+    raw = cache_keys(unit, torch.zeros(1, 2), norms, "raw-mean")
+    # by hand: mean of (3, 0) and (0, 1) = (1.5, 0.5); normalized = (3, 1) / sqrt(10)
+    torch.testing.assert_close(raw, torch.tensor([[3.0, 1.0]]) / math.sqrt(10))
+    shipcopy = cache_keys(unit, torch.zeros(1, 2), norms, "unit-mean")
+    torch.testing.assert_close(shipcopy, torch.tensor([[1.0, 1.0]]) / math.sqrt(2))
+    g = torch.Generator().manual_seed(0)
+    views = F.normalize(torch.randn(5, 4, 8, generator=g), dim=-1)
+    same = torch.full((5, 4), 2.5)  # equal norms: the two recipes agree
+    torch.testing.assert_close(cache_keys(views, views[:, 0], same, "raw-mean"),
+                               cache_keys(views, views[:, 0], same, "unit-mean"))
+    clean = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    assert torch.equal(cache_keys(views[:, :0], clean, same[:, :0], "raw-mean"), clean)
+
+
+def test_tip_heads_default_to_raw_mean_keys_and_unit_mean_is_a_setting() -> None:
+    m = manifest({"name": "d", "overrides": {"tip-adapter-f+ship": {"keys": "unit-mean"}}})
+    spec = m.datasets[0]
+    assert head_config(m, spec, "tip-adapter").keys == "raw-mean"
+    assert head_config(m, spec, "tip-adapter-f").keys == "raw-mean"
+    assert head_config(m, spec, "tip-adapter-f+ship").keys == "unit-mean"
+    with pytest.raises(ValueError, match="keys: expected one of raw-mean, unit-mean"):
+        manifest({"name": "d", "overrides": {"tip-adapter": {"keys": "median"}}})
+
+
+# --- the `paper` protocol: each code's own selection rule ---------------------------------------
+
+def test_each_head_selects_as_its_public_code_does() -> None:
+    from shipyard.pipeline.recipes import selection
+
+    paper = manifest({"name": "d"}, heads={"protocol": "paper"})
+    clean = manifest({"name": "d"})
+    rules = {"zero-shot": None, "tip-adapter": None, "tip-adapter+ship": None,
+             "coop": "last", "coop+ship": "best-generator-epoch", "tip-adapter-f": "best-epoch",
+             "tip-adapter-f+ship": "best-epoch", "clip-adapter": "last", "linear-probe": "last",
+             "clip-adapter+ship": "last", "linear-probe+ship": "last"}
+    for method, rule in rules.items():
+        assert selection(paper, method) == rule, method
+        assert selection(clean, method) == (None if rule is None else "last"), method
+
+
+@pytest.mark.parametrize(("epochs", "expected"), [
+    (50, [10, 20, 30, 40, 50]), (10, [10]), (3, [3]), (25, [10, 20, 25]), (60, [10, 20, 30, 40,
+                                                                               50, 60])])
+def test_generator_epochs_are_every_tenth_and_the_last(epochs: int, expected: list[int]) -> None:
+    from shipyard.pipeline.recipes import generator_epochs
+
+    assert generator_epochs(epochs) == expected
