@@ -69,6 +69,13 @@ def evaluate_text(s: Summary) -> str:
         lines += [f"  warning: {d['name']}: {w}" for w in d.get("warnings", [])]
         if d.get("selection"):
             lines.append(f"  selected: {d['selection']}")
+        if d.get("transfer_from"):  # cross-dataset: heads trained on another dataset
+            lines.append(f"  heads trained on {d['transfer_from']}, evaluated on {d['name']}'s "
+                         "classes (accuracy over every class; base/new: its halves)")
+            lines.append(f"    {'method':22}{'accuracy':>10}{'base':>8}{'new':>8}{'H':>8}")
+            lines += [f"    {r['method']:22}{r['accuracy']:10.2f}{r['base']:8.2f}{r['new']:8.2f}"
+                      f"{r['h']:8.2f}" for r in d["table"]]
+            continue
         lines.append(f"    {'method':22}{'base':>8}{'new':>8}{'H':>8}   "
                      f"{'seen':>8}{'unseen':>8}{'H':>8}")
         for r in d["table"]:

@@ -71,6 +71,22 @@ def val_rows(ds: StoredDataset, spec: DatasetSpec, seed: int) -> np.ndarray:
     return rows[np.isin(ds.labels()[rows], ds.base_labels)]
 
 
+def transfer_inputs(store: FeatureStore, ex: Extractor, spec: DatasetSpec,
+                    device: torch.device) -> HeadInputs:
+    """What a transfer target evaluates on: its classes, text classifier and test images; no
+    training or val set (nothing trains on a target)."""
+    ds = store.dataset(spec.name)
+    text, text_keys = zero_shot_text(ex, spec, ds.classnames, device)
+    dim = text.shape[1]
+    none = FewShotSet((), torch.zeros(0, dtype=torch.long, device=device),
+                      torch.zeros(0, dim, device=device), torch.zeros(0, 0, dim, device=device),
+                      "")
+    empty = SplitFeatures(torch.zeros(0, dim, device=device),
+                          torch.zeros(0, dtype=torch.long, device=device), "")
+    return HeadInputs(spec.name, 0, ds.classnames, ds.base_labels, ds.new_labels, text,
+                      text_keys, none, empty, split_features(ds, ex, Split.TEST, device))
+
+
 def zero_shot_text(ex: Extractor, spec: DatasetSpec, classnames: tuple[str, ...],
                    device: torch.device) -> tuple[torch.Tensor, tuple[str, ...]]:
     """The zero-shot classifier (C, D) of the dataset's templates, and the text sets it read."""

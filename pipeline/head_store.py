@@ -20,6 +20,7 @@ from .head_inputs import HeadInputs
 from .heads import TipAdapter, build_head, cache_keys
 from .models import ClipModel
 from .records import class_key
+from .registry import heads
 from .rows import RowTable
 from .store import FeatureStore
 from .text_encoder import PromptEncoder
@@ -58,9 +59,10 @@ def synthetic_features(store: FeatureStore, key: str, inputs: HeadInputs,
 
 
 def stored_head(store: FeatureStore, kind: Kind, key: str, extractor: str,
-                inputs: HeadInputs) -> zarr.Group:
+                inputs: HeadInputs, transfer: bool = False) -> zarr.Group:
     """A committed head or cache, refused unless it was made from this extractor's features for
-    exactly this dataset's classes."""
+    exactly this dataset's classes (with `transfer`, a head whose method transfers is evaluated
+    on other classes)."""
     what = {ADAPTER.name: ("adapter", "train-adapter"), CACHE.name: ("cache", "build-cache")}
     noun, command = what[kind.name]
     group = store.lookup(Ref.of(kind, key))
@@ -70,6 +72,9 @@ def stored_head(store: FeatureStore, kind: Kind, key: str, extractor: str,
     if made_from != extractor:
         raise UsageError(f"{noun} {key[:12]} was made from features of extractor {made_from[:12]}, "
                          f"not this manifest's {extractor[:12]}")
+    method = record_of(group)["params"].get("head", "")
+    if transfer and kind is ADAPTER and method in heads() and heads()[method].transfers:
+        return group
     if attrs_of(group).get("classnames") != list(inputs.classnames):
         raise UsageError(f"{noun} {key[:12]} was made for other classes than dataset "
                          f"{inputs.dataset}'s")
@@ -92,9 +97,12 @@ def make_head(clip: ClipModel, inputs: HeadInputs, method: str, cfg: HeadConfig,
 
 
 def load_adapter(store: FeatureStore, key: str, clip: ClipModel, extractor: str,
-                 inputs: HeadInputs) -> nn.Module:
-    """A trained head, checked against this extractor and these classes, in eval mode."""
-    group = stored_head(store, ADAPTER, key, extractor, inputs)
+                 inputs: HeadInputs, transfer: bool = False) -> nn.Module:
+    """A trained head, checked against this extractor and these classes, in eval mode. With
+    `transfer`, a head that transfers is rebuilt for these classes and takes the trained
+    parameters (CoOp's context, CLIP-Adapter's adapter); its class-list buffers are this
+    dataset's."""
+    group = stored_head(store, ADAPTER, key, extractor, inputs, transfer)
     record, attrs = record_of(group), attrs_of(group)
     params = record["params"]
     cfg = replace(HeadConfig(), **params["config"])
@@ -103,7 +111,15 @@ def load_adapter(store: FeatureStore, key: str, clip: ClipModel, extractor: str,
     if synthetic and params["head"].startswith("tip-adapter"):
         syn = synthetic_features(store, synthetic, inputs, clip.device)
     head = make_head(clip, inputs, params["head"], cfg, syn).to(clip.device)
-    head.load_state_dict(load_tensors(group, "weights", clip.device))
+    weights = load_tensors(group, "weights", clip.device)
+    if transfer and attrs_of(group).get("classnames") != list(inputs.classnames):
+        trained = dict(head.named_parameters())
+        if set(trained) - set(weights):
+            raise UsageError(f"adapter {key[:12]} lacks parameters {sorted(set(trained) - set(weights))}")
+        weights = {k: v for k, v in weights.items() if k in trained}
+        head.load_state_dict(weights, strict=False)
+    else:
+        head.load_state_dict(weights)
     if isinstance(head, TipAdapter) and "alpha" in attrs:
         head.alpha, head.beta = float(attrs["alpha"]), float(attrs["beta"])
     return head.eval()

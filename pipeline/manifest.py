@@ -152,6 +152,9 @@ class DatasetSpec(Spec):
         "dassl: CoOp's few-shot subsets seed for seed (K per class, val min(K, 4) per class); "
         "numpy: shipyard's earlier sampler (with replacement when short, the whole val split)"))
     base_new: Literal["half"] = Field("half", description="labels [0, ceil(n/2)) base, rest new")
+    transfer_from: str | None = Field(None, description=(
+        "cross-dataset transfer: evaluate the heads trained on that dataset of the manifest on "
+        "this one's class names and test images (heads that transfer only); nothing trains here"))
     preset: str = Field("auto", description=(
         "a benchmark dataset's settings (presets/datasets.json): auto (by the dataset's name), "
         "a preset name, or none"))
@@ -342,6 +345,17 @@ class Manifest(Spec):
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"dataset name {name!r} is used more than once")
+        by_name = {d.name: d for d in value}
+        for i, d in enumerate(value):
+            source = by_name.get(d.transfer_from or "")
+            if d.transfer_from is None:
+                continue
+            if source is None or source is d:
+                raise ValueError(f"[{i}].transfer_from: {d.transfer_from!r} is not another "
+                                 f"dataset of the manifest (it has: {', '.join(names)})")
+            if source.transfer_from is not None:
+                raise ValueError(f"[{i}].transfer_from: {source.name} is itself a transfer "
+                                 "target; heads are trained on the source dataset")
         return value
 
     def dataset(self, name: str) -> DatasetSpec:

@@ -34,6 +34,7 @@ class HeadSpec:
     defaults: HeadConfig
     ship_defaults: HeadConfig | None  # the '+ship' variant's recipe, when it has its own
     paper: str | None = None  # the `paper` protocol's selection rule (presets/heads.json)
+    transfers: bool = False  # evaluable on another dataset's classes (cross-dataset transfer)
     ship_paper: str | None = None  # the '+ship' variant's, when it has its own
 
     def config(self, ship: bool) -> HeadConfig:
@@ -65,7 +66,8 @@ def heads() -> dict[str, HeadSpec]:
         ship = replace(defaults, **h["ship_defaults"]) if "ship_defaults" in h else None
         out[name] = HeadSpec(name, h["stage"], h["ship"], bool(h["reads_val"]),
                              bool(h["reads_text"]), h["summary"], defaults, ship,
-                             h.get("paper"), h.get("ship_paper"))
+                             paper=h.get("paper"), ship_paper=h.get("ship_paper"),
+                             transfers=bool(h.get("transfers")))
     return out
 
 

@@ -43,15 +43,21 @@ def run_all(manifest: Manifest, request: Request, *, device: str = "auto",
     """Every stale job of the manifest, in dependency order; `force` recomputes one stage's."""
     env = Environment(manifest, device, progress, cache_dir, report_dir)
     with open_writable(manifest, env, request, Plan.raise_broken, create=True) as (store, plan):
-        extracts = [j for j in plan.closure(plan.of("report")) if j.stage == "extract"]
+        extracts = [j for j in plan.closure(reports(plan, request)) if j.stage == "extract"]
         results = execute(plan, env, store, extracts)
         # Re-plan: images that failed to decode are left out of the records just written.
         plan = build_plan(env, store, request)
-        rest = execute(plan, env, store, plan.of("report"), force=force, with_deps=True)
+        rest = execute(plan, env, store, reports(plan, request), force=force, with_deps=True)
         results += [r for r in rest if r.job.stage != "extract"]
     return {"stage": "run", "pipeline": [s.name for s in STAGES],
             "jobs": [{"id": r.job.id, "status": r.status, "key": r.job.key} for r in results],
             "stages": summarize(results, plan, env)}
+
+
+def reports(plan: Plan, request: Request) -> list[Job]:
+    """The reports `run` aims at: the requested datasets' (a transfer source is planned with its
+    target, but only what the target reads of it runs), else every dataset's."""
+    return [j for j in plan.of("report") if not request.datasets or j.dataset in request.datasets]
 
 
 def dry_run(manifest: Manifest, request: Request, *, device: str = "auto",
@@ -62,7 +68,7 @@ def dry_run(manifest: Manifest, request: Request, *, device: str = "auto",
     with open_existing(manifest) as store:
         plan = build_plan(env, store, request)
         slots = Slots.scan(store.root) if store else None
-        jobs = [job_state(j, store, slots) for j in plan.closure(plan.of("report"))]
+        jobs = [job_state(j, store, slots) for j in plan.closure(reports(plan, request))]
     return {"stage": "run", "dry_run": True, "extractor": plan.extractor, "jobs": jobs,
             "broken": [{"name": n, "error": e} for n, e in plan.broken.items()]}
 

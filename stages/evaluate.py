@@ -33,29 +33,34 @@ def declare(slot: Slot) -> Declared:
             deps += [j for j in jobs if j is not None]
     protocol = slot.manifest.heads.protocol.value
     selections = {m: selection(slot.manifest, m) for m in heads if not explicit}
-    return Declared(params={"protocol": protocol, "seeds": list(slot.seeds),
-                            "selections": selections},
+    params: dict[str, Any] = {"protocol": protocol, "seeds": list(slot.seeds),
+                              "selections": selections}
+    if slot.spec.transfer_from:
+        params["transfer_from"] = slot.spec.transfer_from
+    return Declared(params=params,
                     inputs={"extractor": slot.extractor, "test": slot.facts.test,
                             "text": slot.texts, "heads": heads},
                     deps=tuple(deps), requires=requires)
 
 
 def compute(work: Work) -> Outcome:
-    from ..pipeline.head_inputs import head_inputs
+    from ..pipeline.head_inputs import head_inputs, transfer_inputs
 
     job, env, store = work.job, work.env, work.store
     spec = env.manifest.dataset(job.dataset)
     ex = env.extractor(store)
+    transfer = job.params.get("transfer_from")
+    target = transfer_inputs(store, ex, spec, env.clip.device) if transfer else None
     heads: dict[str, dict[str, Any]] = job.inputs["heads"]
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in heads}
     task = env.progress.task(f"evaluate {job.dataset}", len(job.params["seeds"]) * len(heads),
                              "head")
     try:
         for i, seed in enumerate(job.params["seeds"]):
-            inputs = head_inputs(store, ex, spec, seed, env.clip.device)
+            inputs = target or head_inputs(store, ex, spec, seed, env.clip.device)
             inputs.check({k: job.inputs[k] for k in ("test", "text")}, job.id)
             for method, head in heads.items():
-                model = _load(work, head["kind"], head["keys"][i], inputs)
+                model = _load(work, head["kind"], head["keys"][i], inputs, bool(transfer))
                 rows[method].append({"seed": seed, **score(model, inputs)})
                 task.advance(1)
     finally:
@@ -68,7 +73,7 @@ def compute(work: Work) -> Outcome:
     return Outcome({"table": table, "per_seed": rows}, summary)
 
 
-def _load(work: Work, kind: str | None, key: str | None, inputs: Any) -> Any:
+def _load(work: Work, kind: str | None, key: str | None, inputs: Any, transfer: bool) -> Any:
     from ..pipeline.head_store import load_adapter, load_cache
     from ..pipeline.heads import ZeroShot
 
@@ -77,7 +82,7 @@ def _load(work: Work, kind: str | None, key: str | None, inputs: Any) -> Any:
         return ZeroShot(inputs.text)
     assert key is not None
     if kind == ADAPTER.name:
-        return load_adapter(store, key, env.clip, env.extractor_fp, inputs)
+        return load_adapter(store, key, env.clip, env.extractor_fp, inputs, transfer=transfer)
     return load_cache(store, key, env.extractor_fp, inputs)
 
 
@@ -90,6 +95,8 @@ def score(head: Any, inputs: Any) -> dict[str, Any]:
         logits = torch.cat([head(x) for x in inputs.test.features.split(1024)]).float().cpu()
     labels = inputs.test.labels.cpu()
     row = base_new(logits, labels, inputs.base, inputs.new)
+    row["accuracy"] = float(100.0 * (logits.argmax(1) == labels).float().mean()) \
+        if len(labels) else float("nan")  # over every class (cross-dataset transfer's number)
     g = gzsl(logits, labels, inputs.base, inputs.new)
     per_class = {**per_class_accuracy(logits, labels, inputs.base, restrict=True),
                  **per_class_accuracy(logits, labels, inputs.new, restrict=True)}

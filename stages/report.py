@@ -67,7 +67,9 @@ def compute(work: Work) -> Outcome:
             ds.base_labels, ds.new_labels, int(ds.attrs["splits"]["val"]),
             tunes_on_val(record["inputs"]["heads"]),
             tip_init(env.manifest, env.manifest.dataset(job.dataset)))],
-        "protocol": f"{record['params']['protocol']}; mean over seeds "
+        "protocol": (f"transfer: heads trained on {record['params']['transfer_from']}; "
+                     if record["params"].get("transfer_from") else "")
+                    + f"{record['params']['protocol']}; mean over seeds "
                     f"{', '.join(str(s) for s in seeds)}"
                     + (f" ({chosen})" if (chosen := describe_selections(
                         record["params"].get("selections", {}))) else ""),

@@ -17,7 +17,9 @@ from typing import Any
 from ..pipeline.artifacts import Ref, Slots
 from ..pipeline.dataset_plan import PlannedDataset, plan_dataset, plan_records
 from ..pipeline.errors import ShipyardError, UsageError
+from ..pipeline.manifest import DatasetSpec, Manifest
 from ..pipeline.records import text_key
+from ..pipeline.registry import split_method
 from ..pipeline.store import FeatureStore
 from . import build_cache, evaluate, extract, report, synthesize, train_adapter, train_generator
 from .base import Environment, Job, Scope, Slot, Stage, Work, make_job
@@ -76,10 +78,17 @@ def build_plan(env: Environment, store: FeatureStore | None, request: Request) -
     ex = store.extractor(plan.extractor) if store and store.has_extractor(plan.extractor) else None
     have = set(ex.images.index()) if ex else set()
     methods = request.methods if request.methods is not None else m.heads.methods
-    specs = [m.dataset(n) for n in request.datasets] or list(m.datasets)
+    specs = _sources_first(m, [m.dataset(n) for n in request.datasets] or list(m.datasets))
     options = {"report_dir": env.report_dir, **request.options}
+    heads_of: dict[str, tuple[tuple[int, ...], dict[str, list[Job | None]]]] = {}
     for spec in specs:
-        seeds = _seeds(spec.name, spec.seeds, request.seeds)
+        source = heads_of.get(spec.transfer_from) if spec.transfer_from else None
+        if spec.transfer_from and source is None:
+            plan.broken[spec.name] = (f"dataset {spec.name}: its transfer source "
+                                      f"{spec.transfer_from} cannot be planned")
+            continue
+        listed = source[0] if source else spec.seeds
+        seeds = _seeds(spec.transfer_from or spec.name, listed, request.seeds)
         try:
             dp = plan_dataset(spec, m.extraction.workers, env.progress, env.cache_dir)
             planned = plan_records(dp, have, _known_failures(store, spec.name),
@@ -90,11 +99,37 @@ def build_plan(env: Environment, store: FeatureStore | None, request: Request) -
         plan.datasets[spec.name] = planned
         texts = [text_key(plan.extractor, t, planned.facts.classnames) for t in spec.templates]
         base = Slot(m, spec, plan.extractor, texts, planned, seeds=seeds, options=options)
-        _plan_dataset_jobs(plan, base, methods)
+        if source is not None:
+            _plan_transfer_jobs(plan, base, source[1])
+        else:
+            heads_of[spec.name] = (seeds, _plan_dataset_jobs(plan, base, methods))
     return plan
 
 
-def _plan_dataset_jobs(plan: Plan, base: Slot, methods: tuple[str, ...]) -> None:
+def _sources_first(m: Manifest, specs: list[DatasetSpec]) -> list[DatasetSpec]:
+    """The datasets to plan, each transfer source before its targets (and planned whenever a
+    target is: the target evaluates the source's heads)."""
+    sources = [m.dataset(s.transfer_from) for s in specs if s.transfer_from]
+    out = [s for s in sources + specs if not s.transfer_from]
+    out = list({s.name: s for s in out}.values())
+    return out + [s for s in specs if s.transfer_from]
+
+
+def _plan_transfer_jobs(plan: Plan, base: Slot, source: dict[str, list[Job | None]]) -> None:
+    """A transfer target: its own extract, then the source's heads that transfer, evaluated on
+    its classes and test images, and its report. Nothing trains on it."""
+    heads = {method: jobs for method, jobs in source.items() if split_method(method)[0].transfers}
+    shared: dict[str, Job] = {}
+    for stage in STAGES:
+        if stage.scope is Scope.DATASET:
+            job = _add(plan, stage, replace(base, heads=heads, per_seed={},
+                                            upstream=dict(shared)))
+            if job is not None:
+                shared[stage.name] = job
+
+
+def _plan_dataset_jobs(plan: Plan, base: Slot,
+                       methods: tuple[str, ...]) -> dict[str, list[Job | None]]:
     """Declare every stage's jobs for one dataset, in pipeline order, by scope: a dataset-scope
     job sees the dataset's jobs so far, the heads of every seed and the first seed's jobs (what
     a report draws); a seed- or head-scope job sees the dataset's jobs and its seed's."""
@@ -120,6 +155,7 @@ def _plan_dataset_jobs(plan: Plan, base: Slot, methods: tuple[str, ...]) -> None
                 if heads[method][i] is None:
                     heads[method][i] = _add(plan, stage, replace(base, seed=seed, method=method,
                                                                  upstream=dict(upstream)))
+    return heads
 
 
 def _add(plan: Plan, stage: Stage, slot: Slot) -> Job | None:

@@ -111,6 +111,7 @@ def evaluate_summary(results: list[Result], plan: Plan, env: Environment) -> Sum
         datasets.append({"name": r.job.dataset, "run": r.job.key, "status": r.status,
                          "table": table, "report": reports.get(r.job.dataset),
                          "selection": describe_selections(r.job.params.get("selections", {})),
+                         "transfer_from": r.job.params.get("transfer_from"),
                          "warnings": warnings,
                          **({"report_error": failed[r.job.dataset]} if r.job.dataset in failed
                             else {}),
