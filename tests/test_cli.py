@@ -229,3 +229,16 @@ def test_a_relative_store_option_is_relative_to_the_current_folder_for_every_com
     status = json.loads(invoke("--manifest", str(path), "--store", "rel.zarr", "status",
                                "--json").stdout)
     assert status["store"] == str(tmp_path / "work" / "rel.zarr")
+
+
+def test_verbose_shows_shipyard_job_lines_and_completion_is_offered(manifest_path: Path) -> None:
+    """-v: shipyard's own log lines (job, status, key, seconds) on stderr; without it none.
+    --help offers shell completion (typer's --install-completion / --show-completion)."""
+    quiet = invoke("--manifest", str(manifest_path), "--device", "cpu", "extract")
+    assert quiet.exit_code == 0 and "records:demo:" not in quiet.stderr
+    again = invoke("--manifest", str(manifest_path), "-v", "evaluate")
+    assert again.exit_code == 0, again.output
+    lines = [ln for ln in again.stderr.splitlines() if "run:demo:" in ln]
+    assert lines and "key " in lines[0] and lines[0].rstrip().endswith("s)"), again.stderr
+    help_text = invoke("--help").stdout
+    assert "--install-completion" in help_text and "--show-completion" in help_text
