@@ -78,6 +78,10 @@ def verify(store: FeatureStore) -> Verification:
         _check_table(ex.images, f"{where}/images", result)
         if ex.views:
             _check_table(ex.view_table, f"{where}/views", result)
+            for name in sorted(ex.group.group_keys()):  # named view recipes (extraction.recipes)
+                if name.startswith("views_"):
+                    _check_table(RowTable(child_group(ex.group, name), read_only=True),
+                                 f"{where}/{name}", result)
         _check_texts(ex, where, result)
         result.count("extractors")
     have = [set(store.extractor(fp).images.index()) for fp in store.extractor_fps()]

@@ -28,6 +28,7 @@ class HeadConfig:
     alpha: float = 1.0  # Tip-Adapter: Tip-Adapter-F trains at these; the fallback with no val
     beta: float = 1.0
     keys: str = "raw-mean"  # Tip-Adapter's cache keys: raw-mean (its code) | unit-mean (SHIP's)
+    views: str = "primary"  # the view recipe it trains on: primary | a name of extraction.recipes
 
     def __post_init__(self) -> None:
         choices = {"optimizer": ("sgd", "adamw"), "schedule": ("epoch", "step"),

@@ -13,6 +13,7 @@ import torch
 from .dataset_plan import relabel, subset_key
 from .errors import StoreError
 from .records import Extractor, StoredDataset
+from .rows import RowTable
 from .zarr_nodes import require_unit_rows
 
 
@@ -34,9 +35,9 @@ class FewShotSet:
 
 
 def fewshot_set(ds: StoredDataset, extractor: Extractor, shots: int, seed: int,
-                labels: list[int], device: torch.device) -> FewShotSet:
+                labels: list[int], device: torch.device, views: str = "primary") -> FewShotSet:
     """The K-shot subset (seed) of a stored dataset restricted to `labels`, features gathered
-    from `extractor`."""
+    from `extractor`, augmented views from the recipe `views` (a view recipe key)."""
     dataset = str(ds.attrs["name"])
     rows = ds.fewshot(shots, seed)
     all_labels = ds.labels()
@@ -46,12 +47,15 @@ def fewshot_set(ds: StoredDataset, extractor: Extractor, shots: int, seed: int,
                          f"classes in the store (run `shipyard extract`)")
     keys = ds.keys()[rows]  # (M, 32)
     new_labels = relabel(all_labels[rows], labels)
-    clean, clean_norms = _gather(extractor.images.index(), keys, extractor, "images", dataset)
+    clean, clean_norms = _gather(extractor.images, keys, extractor, "images", dataset)
     if extractor.views:
-        views, view_norms = _gather(extractor.view_table.index(), keys, extractor, "views",
-                                    dataset)
+        table = extractor.views_of(views)
+        if table is None:
+            raise StoreError(f"dataset {dataset}: extractor {extractor.fp[:12]} has no views of "
+                             f"recipe {views[:12]} (run `shipyard extract`)")
+        views_arr, view_norms = _gather(table, keys, extractor, "views", dataset)
     else:
-        views = np.zeros((len(rows), 0, extractor.dim), np.float16)
+        views_arr = np.zeros((len(rows), 0, extractor.dim), np.float16)
         view_norms = np.zeros((len(rows), 0), np.float32)
     classnames = tuple(ds.classnames[i] for i in labels)
     key = subset_key(keys, new_labels, classnames)
@@ -59,22 +63,22 @@ def fewshot_set(ds: StoredDataset, extractor: Extractor, shots: int, seed: int,
         classnames=classnames,
         labels=torch.from_numpy(new_labels).to(device),
         clean=_unit(clean, device),
-        views=_unit(views, device),
+        views=_unit(views_arr, device),
         content_key=key,
         clean_norms=torch.from_numpy(clean_norms).to(device),
         view_norms=torch.from_numpy(view_norms).to(device),
     )
 
 
-def _gather(index: dict[bytes, int], keys: np.ndarray, extractor: Extractor, table: str,
+def _gather(source: RowTable, keys: np.ndarray, extractor: Extractor, table: str,
             dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """The unit features and the norms of these images' rows in one of the extractor's tables."""
+    index = source.index()
     missing = [k for k in keys if k.tobytes() not in index]
     if missing:
         raise StoreError(f"dataset {dataset}: {len(missing)} training images have no {table} in "
                          f"extractor {extractor.fp[:12]} (run `shipyard extract`)")
     rows = np.array([index[k.tobytes()] for k in keys], dtype=np.int64)
-    source = extractor.images if table == "images" else extractor.view_table
     where = f"extractor {extractor.fp[:12]} {table}"
     features = require_unit_rows(source.read("features", rows), where)
     if "norms" not in source.columns:

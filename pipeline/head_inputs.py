@@ -52,10 +52,11 @@ class HeadInputs:
 
 
 def head_inputs(store: FeatureStore, ex: Extractor, spec: DatasetSpec, seed: int,
-                device: torch.device) -> HeadInputs:
+                device: torch.device, views: str = "primary") -> HeadInputs:
+    """`views`: the view recipe key of the training set's augmented views."""
     ds = store.dataset(spec.name)  # read once: its arrays serve the shots, val and test
     base, new = ds.base_labels, ds.new_labels
-    train = fewshot_set(ds, ex, spec.shots, seed, base, device)
+    train = fewshot_set(ds, ex, spec.shots, seed, base, device, views)
     text, text_keys = zero_shot_text(ex, spec, ds.classnames, device)
     return HeadInputs(spec.name, seed, ds.classnames, base, new, text, text_keys, train,
                       split_features(ds, ex, Split.VAL, device, rows=val_rows(ds, spec, seed)),

@@ -81,6 +81,20 @@ def recipe(pre: Preprocess, views: int, aug: AugmentSpec, seed: int) -> dict[str
     }
 
 
+def view_recipe(spec: ExtractionSpec, name: str) -> dict[str, Any]:
+    """A named view recipe of extraction.recipes: what its view table holds, under the
+    extractor's clean preprocessing and model (its key names the table)."""
+    aug = spec.recipes[name]
+    return {"kind": "shipyard.views", "count": spec.views, "scale": list(aug.scale),
+            "ratio": list(aug.ratio), "flip": aug.flip, "seed": spec.seed,
+            "crop": "random_resized_crop/v1"}
+
+
+def view_recipe_key(spec: ExtractionSpec, name: str) -> str:
+    """The key of a view recipe, or "primary" for the extractor's own views."""
+    return "primary" if name == "primary" else fingerprint(view_recipe(spec, name))
+
+
 def extractor_description(identity: ModelIdentity, spec: ExtractionSpec) -> dict[str, Any]:
     """Everything that determines an extractor's features; its sha256 names the group."""
     return {

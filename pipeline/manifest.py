@@ -115,6 +115,10 @@ class ExtractionSpec(Spec):
     views: Index = Field(10, description="augmented views V per training image (Tip-Adapter: 10)")
     views_for: ViewsFor = ViewsFor.FEWSHOT
     augment: AugmentSpec = AugmentSpec()
+    recipes: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")], AugmentSpec] = Field(
+        default_factory=dict, description=(
+            "further view recipes by name, stored beside the primary views (same count and "
+            "seed), e.g. dassl: {scale: [0.08, 1]} for the heads that train on Dassl's crops"))
     seed: Index = Field(0, description="with (image key, view index) seeds every augmented view")
     batch_size: Count = 64
     workers: Count = Field(2, description="decode threads")
@@ -357,6 +361,20 @@ class Manifest(Spec):
                 raise ValueError(f"[{i}].transfer_from: {source.name} is itself a transfer "
                                  "target; heads are trained on the source dataset")
         return value
+
+    @model_validator(mode="after")
+    def _known_view_recipes(self) -> Manifest:
+        """A `views` setting names the primary recipe or one of extraction.recipes."""
+        known = ["primary", *self.extraction.recipes]
+        layers = [("heads.overrides", self.heads.overrides)]
+        layers += [(f"datasets[{i}].overrides", d.overrides) for i, d in enumerate(self.datasets)]
+        for where, overrides in layers:
+            for method, settings in overrides.items():
+                views = (settings or {}).get("views")
+                if views is not None and views not in known:
+                    raise ValueError(f"{where}.{method}.views: unknown view recipe {views!r} "
+                                     f"(known: {', '.join(known)}; add it to extraction.recipes)")
+        return self
 
     def dataset(self, name: str) -> DatasetSpec:
         for ds in self.datasets:

@@ -44,6 +44,9 @@ def head_config(manifest: Manifest, spec: DatasetSpec, method: str) -> HeadConfi
     cfg = head.config(ship)
     if head.name in TIP_HEADS:
         cfg = replace(cfg, alpha=preset.tip_init[0], beta=preset.tip_init[1])
+    if cfg.views != "primary" and cfg.views not in manifest.extraction.recipes:
+        # A registry default (CoOp: dassl) the manifest does not extract: the primary views.
+        cfg = replace(cfg, views="primary")
     for overrides in (preset.heads, manifest.heads.overrides, spec.overrides):
         cfg = replace(cfg, **_layer(overrides, head.name, method))
     return cfg

@@ -71,6 +71,19 @@ class Extractor:
                                          "augmented views (extraction.views: 0)")
         return RowTable(child_group(self.group, "views"), self.read_only)
 
+    def views_of(self, recipe: str) -> RowTable | None:
+        """The view table of a recipe key (`identity.view_recipe_key`): the primary views, or a
+        named recipe's table; None while that recipe has no table yet."""
+        if recipe == "primary":
+            return self.view_table
+        name = view_table_name(recipe)
+        if self.views == 0 or name not in self.group:
+            return None
+        group = child_group(self.group, name)
+        if not attrs_of(group).get("complete_layout"):
+            return None  # its creation was interrupted: the next writer rebuilds it
+        return RowTable(group, self.read_only)
+
     def has_texts(self, template: str, classnames: tuple[str, ...]) -> bool:
         """Whether the text set is committed (its features are not read)."""
         return lookup(self.root, Ref.text_set(self.fp, text_key(self.fp, template, classnames))) \
@@ -164,6 +177,11 @@ class StoredDataset:
         whole val split (numpy)."""
         name = fewshot_val_name(shots, seed)
         return self.array(name) if name in self.group else None
+
+
+def view_table_name(recipe: str) -> str:
+    """The group of a named recipe's views inside its extractor."""
+    return f"views_{recipe[:16]}"
 
 
 def fewshot_name(shots: int, seed: int) -> str:

@@ -27,7 +27,7 @@ from .locations import (
     take_lock,
     zarr_store,
 )
-from .records import Extractor, StoredDataset
+from .records import Extractor, StoredDataset, view_table_name
 from .rows import RowTable
 from .zarr_nodes import attrs_of, child_group, utcnow, write_sealed
 
@@ -154,6 +154,26 @@ class FeatureStore:
         group.create_group("texts")
         group.attrs["complete_layout"] = True  # a layout killed half-way is simply rebuilt
         return Extractor(self.root, group, read_only=False)
+
+    def create_view_table(self, ex: Extractor, recipe: str, description: dict[str, Any],
+                          chunk_rows: int) -> RowTable:
+        """The view table of a named recipe in extractor `ex`, created when absent: the same
+        layout as the primary views (unit vectors and norms, V per image)."""
+        self._check_writable()
+        found = ex.views_of(recipe)
+        if found is not None:
+            return found
+        if fingerprint(description) != recipe:
+            raise StoreError("view recipe key does not match its description")
+        name = view_table_name(recipe)
+        refuse_links(self.root, f"extractors/{ex.fp}/{name}")
+        if name in ex.group:  # a creation killed half-way: rebuilt (it held no committed rows)
+            del ex.group[name]
+        table = RowTable.create(ex.group, name, {"features": ((ex.views, ex.dim), "float16"),
+                                                 "norms": ((ex.views,), "float32")},
+                                max(1, chunk_rows // ex.views))
+        table.group.attrs.update({"recipe": description, "complete_layout": True})
+        return table
 
     # -- datasets --------------------------------------------------------------------------------
     def dataset_names(self) -> list[str]:

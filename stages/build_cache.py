@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..pipeline.artifacts import CACHE
+from ..pipeline.identity import view_recipe_key
 from ..pipeline.recipes import head_config, tip_scale
 from .base import Declared, Outcome, Scope, Slot, Stage, Work
 
@@ -26,6 +27,8 @@ def declare(slot: Slot) -> Declared | None:
               "tip_scale": list(tip_scale(slot.manifest, slot.spec)),
               "init": [cfg.alpha, cfg.beta], "keys": cfg.keys}
     inputs, deps, requires = slot.head_inputs(spec, ship, reads_test=False)
+    if cfg.views != "primary":
+        inputs["views"] = view_recipe_key(slot.manifest.extraction, cfg.views)
     return Declared(params, inputs, deps, requires=requires)
 
 
@@ -43,7 +46,7 @@ def compute(work: Work) -> Outcome:
     job, env, store, group = work.job, work.env, work.store, work.group
     device = env.clip.device
     inputs = head_inputs(store, env.extractor(store), env.manifest.dataset(job.dataset),
-                         int(job.seed or 0), device)
+                         int(job.seed or 0), device, job.inputs.get("views", "primary"))
     inputs.check(job.inputs, job.id)
     keys = cache_keys(inputs.train.views, inputs.train.clean, inputs.train.view_norms,
                       job.params["keys"])  # (M, D)

@@ -11,15 +11,19 @@ from typing import Any
 from ..pipeline.artifacts import RECORDS, Ref
 from ..pipeline.dataset_plan import DatasetPlan, PlannedDataset, records_table, view_rows
 from ..pipeline.errors import ImageError
+from ..pipeline.identity import view_recipe, view_recipe_key
 from ..pipeline.records import Extractor
+from ..pipeline.rows import RowTable
 from ..pipeline.store import FeatureStore
 from .base import Declared, Job, Outcome, Scope, Slot, Stage, Work
 
 
 def declare(slot: Slot) -> Declared:
     """Keyed by the records it will store; the detail is the hashed dataset itself."""
-    return Declared(params={"templates": list(slot.spec.templates),
-                            "views": slot.manifest.extraction.views},
+    spec = slot.manifest.extraction
+    recipes = {name: view_recipe_key(spec, name) for name in spec.recipes} if spec.views else {}
+    return Declared(params={"templates": list(slot.spec.templates), "views": spec.views,
+                            "recipes": recipes},
                     inputs={"extractor": slot.extractor}, key=slot.facts.records,
                     detail=slot.dataset)
 
@@ -32,16 +36,18 @@ def counts(store: FeatureStore, job: Job) -> dict[str, Any]:
     have = ex.images.index() if ex else {}
     absent = {k for r, k in d.plan.hashed()
               if k not in have and (str(d.plan.data.file(r)), k.hex()) not in d.known_bad}
-    lacking: set[bytes] = set()
+    lacking = 0
     if int(job.params["views"]) > 0:
-        have_views = set(ex.view_table.index()) if ex and ex.views else set()
         rows = view_rows(d.spec, d.arrays, d.views_for)
-        lacking = {d.arrays["keys"][r].tobytes() for r in rows} - have_views
+        wanted = {d.arrays["keys"][r].tobytes() for r in rows}
+        for recipe in ["primary", *job.params.get("recipes", {}).values()]:
+            table = ex.views_of(recipe) if ex and ex.views else None
+            lacking += len(wanted - set(table.index() if table else ()))
     texts = [t for t in d.spec.templates if ex is None or not ex.has_texts(t, d.facts.classnames)]
     return {"records": len(d.plan.data.records) + len(d.plan.data.rejected),
             "unusable": len(d.plan.failures) + len(d.known_failures),
             "missing_features": len(absent),
-            "missing_views": len(lacking), "missing_text_sets": len(texts),
+            "missing_views": lacking, "missing_text_sets": len(texts),
             "records_current": store.dataset_version(job.dataset) == job.key}
 
 
@@ -84,10 +90,18 @@ def compute_batch(works: list[Work]) -> dict[str, Any]:
     tables = [records_table(p, have) for p in plans]
     views_done, views_failed = 0, 0
     if spec.views > 0:
-        res = encode_views(clip, ex.view_table, _missing_views(planned, tables, ex), spec,
-                           env.progress, env.strict)
+        res = encode_views(clip, ex.view_table, _missing_views(planned, tables, ex.view_table),
+                           spec, env.progress, env.strict)
         views_done, views_failed = res.encoded, len(res.failures)
         timings["views"] = res.seconds
+        for name, aug in spec.recipes.items():  # named recipes: their own tables, same images
+            table = store.create_view_table(ex, view_recipe_key(spec, name),
+                                            view_recipe(spec, name), spec.chunk_rows)
+            res = encode_views(clip, table, _missing_views(planned, tables, table),
+                               spec.model_copy(update={"augment": aug}), env.progress,
+                               env.strict)
+            views_done, views_failed = views_done + res.encoded, views_failed + len(res.failures)
+            timings[f"views_{name}"] = res.seconds
     t0 = time.perf_counter()
     texts = _ensure_texts(clip, ex, works)
     timings["texts"] = time.perf_counter() - t0
@@ -144,10 +158,11 @@ def _missing(plans: list[DatasetPlan], have: dict[bytes, int]) -> list[Any]:
     return work
 
 
-def _missing_views(planned: list[PlannedDataset], tables: list[Any], ex: Extractor) -> list[Any]:
+def _missing_views(planned: list[PlannedDataset], tables: list[Any],
+                   table: RowTable) -> list[Any]:
     from ..pipeline.extraction import WorkItem
 
-    have = set(ex.view_table.index())
+    have = set(table.index())
     work = []
     for d, (arrays, _attrs, _v) in zip(planned, tables, strict=True):
         keys = arrays["keys"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..pipeline.artifacts import ADAPTER
+from ..pipeline.identity import view_recipe_key
 from ..pipeline.recipes import (
     TIP_HEADS,
     generator_epochs,
@@ -40,6 +41,8 @@ def declare(slot: Slot) -> Declared | None:
         params["tip_scale"] = list(tip_scale(slot.manifest, slot.spec))
     reads_test = rule in ("best-epoch", "best-generator-epoch")
     inputs, deps, requires = slot.head_inputs(spec, ship, reads_test)
+    if config.views != "primary":  # another recipe's views: its key is an input
+        inputs["views"] = view_recipe_key(slot.manifest.extraction, config.views)
     return Declared(params, inputs, deps, requires=requires)
 
 
@@ -57,7 +60,7 @@ def compute(work: Work) -> Outcome:
     job, env, store = work.job, work.env, work.store
     clip, device = env.clip, env.clip.device
     inputs = head_inputs(store, env.extractor(store), env.manifest.dataset(job.dataset),
-                         int(job.seed or 0), device)
+                         int(job.seed or 0), device, job.inputs.get("views", "primary"))
     inputs.check(job.inputs, job.id)
     method, cfg = job.params["head"], HeadConfig(**job.params["config"])
     syn = synthetic_features(store, job.inputs["synthetic"], inputs, device) \
