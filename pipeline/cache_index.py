@@ -13,11 +13,12 @@ import numpy as np
 import torch
 
 from .errors import UsageError
-from .tip import tip_logits_sparse
+from .tip import tip_logits_blocked, tip_logits_sparse
 
 DEFAULT_TOPK = 16  # neighbours of an approximate cache when the caller names none
 GPU_MAX_K = 2048  # the largest k a FAISS GPU index selects (GPU_MAX_SELECTION_K)
 MAX_ELEMENTS = 1 << 22  # (queries x neighbours) per search batch in cache_logits: ~100 MB
+DENSE_MAX_ELEMENTS = 1 << 25  # (queries x keys) per block of the exact path: ~128 MB of sims
 TRAIN_POINTS_PER_LIST = 32  # IVF k-means sample per list; FAISS's 256 makes 1.6M keys take minutes
 IVF_NITER = 10  # k-means iterations; IVF recall barely moves past 10 on unit-norm features
 
@@ -120,6 +121,7 @@ class CacheIndex:
             self._gpu_res = faiss.StandardGpuResources()  # must outlive the GPU index
             index = faiss.index_cpu_to_gpu(self._gpu_res, torch.cuda.current_device(), index)
         self._index, self._kind = index, kind
+        self._keys: torch.Tensor | None = None  # a flat index's keys, read back once
 
     @classmethod
     def build(cls, keys: np.ndarray, kind: str, *, nlist: int | None = None, nprobe: int | None = None,
@@ -183,9 +185,17 @@ class CacheIndex:
             sims, ids = self._index.search(q, k)
         return sims, ids.astype(np.int64, copy=False)
 
+    def keys(self) -> torch.Tensor:
+        """A flat index's keys (N, D) float32 on the CPU, read back from FAISS once."""
+        if not self.exact:
+            raise UsageError(f"a {self.kind} index keeps no exact copy of its keys to read back")
+        if self._keys is None:
+            self._keys = torch.from_numpy(self._index.reconstruct_n(0, self.ntotal))
+        return self._keys
+
     def _full_scan(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact search by matmul over the stored keys, for k beyond what the GPU selects."""
-        keys = torch.from_numpy(self._index.reconstruct_n(0, self.ntotal))
+        keys = self.keys()
         device = torch.device("cuda") if self.on_gpu else torch.device("cpu")
         sims = torch.from_numpy(q).to(device) @ keys.to(device).T  # (B, D) @ (D, N) -> (B, N)
         top, ids = sims.topk(k, dim=1)
@@ -212,6 +222,13 @@ def cache_logits(index: CacheIndex, queries: Any, labels: Any, text_weights: Any
     text = torch.as_tensor(text_weights, dtype=torch.float32, device=q.device)  # (C, D)
     k = resolve_topk(index, topk)
     out = []
+    if index.exact and k == index.ntotal:
+        # Every key: the dense formula over the keys read back, in key blocks (each key read once
+        # per call). A k = N search sorts every row's N similarities only to scatter them back.
+        keys = index.keys().to(q.device)
+        logits = tip_logits_blocked(q, keys, key_labels, text, alpha, beta, logit_scale,
+                                    max(max_elements, DENSE_MAX_ELEMENTS))
+        return logits.cpu().numpy() if as_numpy else logits
     for chunk in q.split(max(1, max_elements // k)):
         sims, ids = index.search(chunk.cpu().numpy(), k)  # (b, k) each
         ids_t = torch.from_numpy(ids).to(q.device)

@@ -42,6 +42,24 @@ def tip_logits(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor,
     return clip + alpha * cache
 
 
+def tip_logits_blocked(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor,
+                       text_weights: torch.Tensor, alpha: float, beta: float,
+                       logit_scale: float = 100.0, max_elements: int = 1 << 25) -> torch.Tensor:
+    """`tip_logits` with the keys taken in blocks of about max_elements / B: each block's
+    similarities are made, turned into affinities and summed per class, then freed. Every key
+    is read once per call however many queries there are, and memory stays bounded."""
+    text = text_weights.to(queries)
+    out = logit_scale * queries @ text.T  # (B, D) @ (D, C) -> (B, C)
+    labels = labels.to(queries.device).long()
+    step = max(1, max_elements // max(1, len(queries)))
+    cache = out.new_zeros(out.shape)
+    for start in range(0, keys.shape[0], step):
+        block = keys[start:start + step].to(queries)
+        sims = queries @ block.T  # (B, D) @ (D, n) -> (B, n)
+        cache += _class_sum(affinity(sims, beta), labels[start:start + step], text.shape[0])
+    return out + alpha * cache
+
+
 def tip_logits_sparse(queries: torch.Tensor, neighbour_sims: torch.Tensor,
                       neighbour_labels: torch.Tensor, text_weights: torch.Tensor, alpha: float,
                       beta: float, logit_scale: float = 100.0) -> torch.Tensor:

@@ -15,6 +15,7 @@ from shipyard.pipeline.tip import (
     search_alpha_beta,
     search_grid,
     tip_logits,
+    tip_logits_blocked,
     tip_logits_sparse,
 )
 
@@ -234,3 +235,38 @@ def test_alpha_beta_search_equals_brute_force_with_first_best_on_ties(random_cac
     assert got[:2] == best and got[2] == pytest.approx(best_acc)
 
 
+
+
+def test_an_exact_cache_over_every_key_is_the_dense_formula_without_a_search(
+        random_cache: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> None:
+    """flat without topk reads its keys back and applies the dense formula (a k = N search only
+    sorts every similarity to scatter it back); the result is the dense one, numpy or tensor."""
+    r = random_cache
+    index = CacheIndex.build(r["keys"].numpy(), "flat")
+
+    def no_search(*_: object) -> None:
+        raise AssertionError("the exact path searched the index")
+
+    monkeypatch.setattr(index, "search", no_search)
+    q = unit(37, D, seed=11)
+    dense = tip_logits(q, r["keys"], r["labels"], r["text"], 1.7, 3.0)
+    got = cache_logits(index, q, r["labels"], r["text"], 1.7, 3.0, max_elements=1000)
+    torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-5)
+    as_numpy = cache_logits(index, q.numpy(), r["labels"].numpy(), r["text"].numpy(), 1.7, 3.0)
+    assert isinstance(as_numpy, np.ndarray)
+    np.testing.assert_allclose(as_numpy, dense.numpy(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(index.keys(), r["keys"])
+    with pytest.raises(UsageError, match="keeps no exact copy"):
+        CacheIndex.build(r["keys"].numpy(), "hnsw").keys()
+
+
+@pytest.mark.parametrize("max_elements", [1, 37 * 7, 37 * 2000, 1 << 25])
+def test_key_blocks_sum_to_the_dense_logits(random_cache: dict[str, torch.Tensor],
+                                            max_elements: int) -> None:
+    """Blocks of one key, of a few, of every key: the per-class sums add up to the dense ones."""
+    r = random_cache
+    q = unit(37, D, seed=12)
+    dense = tip_logits(q, r["keys"], r["labels"], r["text"], 0.9, 4.0)
+    got = tip_logits_blocked(q, r["keys"], r["labels"], r["text"], 0.9, 4.0,
+                             max_elements=max_elements)
+    torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-5)
