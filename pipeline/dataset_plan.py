@@ -29,7 +29,7 @@ from .datasets import (
 from .errors import StoreError
 from .fingerprint import fingerprint
 from .hashing import StatCache, default_cache_dir, hash_files
-from .manifest import DatasetSpec, Sampler, ViewsFor
+from .manifest import DatasetSpec, Domain, Sampler, ViewsFor
 from .progress import Progress
 from .records import fewshot_name, fewshot_val_name
 
@@ -46,9 +46,11 @@ class DatasetPlan:
 
 
 def plan_dataset(spec: DatasetSpec, workers: int, progress: Progress,
-                 cache_dir: Path | None = None) -> DatasetPlan:
-    """Read one dataset's records and hash their files."""
-    data = read_dataset(spec)
+                 cache_dir: Path | None = None,
+                 classes_of: tuple[str, ...] | None = None) -> DatasetPlan:
+    """Read one dataset's records and hash their files (`classes_of`: a synthetic dataset's
+    paired real classes)."""
+    data = read_dataset(spec, classes_of)
     files = sorted({data.file(r) for r in data.records})
     cache = StatCache((cache_dir or default_cache_dir()) / "stat.sqlite")
     task = progress.task(f"hash {spec.name}", len(files), "file")
@@ -88,7 +90,7 @@ def records_table(plan: DatasetPlan, valid: set[bytes]) -> RecordsTable:
         "labels": labels,
         "splits": splits,
     }
-    for seed in spec.seeds:
+    for seed in seeds_of(spec):
         if spec.sampler is Sampler.DASSL:
             train, val = dassl_few_shot(labels, splits, spec.shots, seed, arrays["keys"])
             arrays[fewshot_name(spec.shots, seed)] = train
@@ -104,13 +106,21 @@ def records_table(plan: DatasetPlan, valid: set[bytes]) -> RecordsTable:
         "base_labels": base,
         "new_labels": new,
         "shots": spec.shots,
-        "seeds": list(spec.seeds),
+        "seeds": list(seeds_of(spec)),
         "sampler": spec.sampler.value,
+        "domain": spec.domain.value,
+        **({"pairs_with": spec.pairs_with} if spec.pairs_with else {}),
         "splits": {s.name.lower(): int((splits == s).sum()) for s in Split},
     }
     key = artifact_key(RECORDS, {"attrs": attrs},
                        {"arrays": {k: _digest(v) for k, v in sorted(arrays.items())}})
     return arrays, attrs, key
+
+
+def seeds_of(spec: DatasetSpec) -> tuple[int, ...]:
+    """The few-shot seeds a dataset's records hold: none for a synthetic-domain dataset (it is
+    read whole, paired with its real dataset's subsets)."""
+    return () if spec.domain is Domain.SYNTHETIC else spec.seeds
 
 
 def predicted_valid(plan: DatasetPlan, have: set[bytes], known_bad: set[tuple[str, str]]) -> set[bytes]:
@@ -175,7 +185,7 @@ def facts_of(spec: DatasetSpec, arrays: dict[str, np.ndarray], attrs: dict[str, 
     classnames = tuple(attrs["classnames"])
     base, new = list(attrs["base_labels"]), list(attrs["new_labels"])
     train, val = {}, {}
-    for seed in spec.seeds:
+    for seed in seeds_of(spec):
         rows = fewshot_rows(arrays, spec.shots, seed, base)
         train[seed] = subset_key(arrays["keys"][rows], relabel(arrays["labels"][rows], base),
                                  tuple(classnames[i] for i in base))
@@ -195,7 +205,7 @@ def view_rows(spec: DatasetSpec, arrays: dict[str, np.ndarray], views_for: Views
     if views_for is ViewsFor.TRAIN:
         return np.flatnonzero(arrays["splits"] == Split.TRAIN).tolist()
     rows: set[int] = set()
-    for seed in spec.seeds:
+    for seed in seeds_of(spec):
         rows.update(arrays[fewshot_name(spec.shots, seed)].tolist())
     return sorted(rows)
 

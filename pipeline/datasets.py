@@ -66,8 +66,11 @@ class DatasetRecords:
         return self.root / record.path
 
 
-def read_dataset(spec: DatasetSpec) -> DatasetRecords:
-    """Read a dataset as the manifest describes it. Unsafe paths are rejected, not fatal."""
+def read_dataset(spec: DatasetSpec, classes_of: tuple[str, ...] | None = None) -> DatasetRecords:
+    """Read a dataset as the manifest describes it. Unsafe paths are rejected, not fatal.
+
+    `classes_of` (a synthetic-domain dataset): the paired real dataset's class names; each entry's
+    class is matched to them by name and relabelled, every entry is a training image."""
     readers: dict[DatasetFormat, Callable[[DatasetSpec], _Entries]] = {
         DatasetFormat.COOP: _read_coop,
         DatasetFormat.IMAGEFOLDER: _read_imagefolder,
@@ -75,7 +78,9 @@ def read_dataset(spec: DatasetSpec) -> DatasetRecords:
     if not spec.root.is_dir():
         raise DatasetError(f"dataset {spec.name}: image root {spec.root} is not a folder")
     classnames, entries = readers[spec.format](spec)
-    if len(classnames) < 2:
+    if classes_of is not None:
+        classnames, entries = _paired(spec, classnames, entries, classes_of)
+    elif len(classnames) < 2:
         raise DatasetError(f"dataset {spec.name}: {len(classnames)} class; base-to-new needs at "
                            "least two (one base, one new)")
     records, rejected = [], []
@@ -86,6 +91,18 @@ def read_dataset(spec: DatasetSpec) -> DatasetRecords:
         else:
             records.append(Record(Path(path).as_posix(), label, split))
     return DatasetRecords(spec.name, spec.root, tuple(classnames), tuple(records), tuple(rejected))
+
+
+def _paired(spec: DatasetSpec, names: list[str], entries: list[tuple[str, int, Split]],
+            real: tuple[str, ...]) -> _Entries:
+    """A synthetic dataset's entries relabelled to the real dataset's classes, all for training."""
+    index = {name: i for i, name in enumerate(real)}
+    for name in names:
+        if name not in index:
+            raise DatasetError(f"dataset {spec.name}: class {name!r} is not a class of "
+                               f"{spec.pairs_with} (its classes: {', '.join(real[:6])}"
+                               f"{', ...' if len(real) > 6 else ''})")
+    return list(real), [(path, index[names[label]], Split.TRAIN) for path, label, _ in entries]
 
 
 def unsafe_path_reason(path: str) -> str | None:

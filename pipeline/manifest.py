@@ -50,6 +50,11 @@ class ViewsFor(StrEnum):
     TRAIN = "train"  # augmented views for every training image
 
 
+class Domain(StrEnum):
+    REAL = "real"
+    SYNTHETIC = "synthetic"  # generated images of a real dataset's classes (SYNC-CLIP's domain)
+
+
 class Sampler(StrEnum):
     DASSL = "dassl"  # Dassl's generate_fewshot_dataset: Python random, K train + min(K, 4) val
     NUMPY = "numpy"  # numpy Generator, with replacement when short; val is the whole val split
@@ -156,6 +161,11 @@ class DatasetSpec(Spec):
         "dassl: CoOp's few-shot subsets seed for seed (K per class, val min(K, 4) per class); "
         "numpy: shipyard's earlier sampler (with replacement when short, the whole val split)"))
     base_new: Literal["half"] = Field("half", description="labels [0, ceil(n/2)) base, rest new")
+    domain: Domain = Field(Domain.REAL, description=(
+        "synthetic: generated images of the classes of the real dataset `pairs_with` names "
+        "(matched by class name); extracted into the same image table, never trained or "
+        "evaluated on by itself"))
+    pairs_with: str | None = Field(None, description="the real dataset a synthetic one pairs with")
     transfer_from: str | None = Field(None, description=(
         "cross-dataset transfer: evaluate the heads trained on that dataset of the manifest on "
         "this one's class names and test images (heads that transfer only); nothing trains here"))
@@ -351,10 +361,22 @@ class Manifest(Spec):
                 raise ValueError(f"dataset name {name!r} is used more than once")
         by_name = {d.name: d for d in value}
         for i, d in enumerate(value):
+            synthetic = d.domain is Domain.SYNTHETIC
+            if synthetic != (d.pairs_with is not None):
+                raise ValueError(f"[{i}].pairs_with: " + (
+                    "a synthetic dataset names the real dataset it pairs with" if synthetic
+                    else "only a dataset with domain: synthetic pairs with another"))
+            if synthetic:
+                real = by_name.get(d.pairs_with or "")
+                if real is None or real.domain is not Domain.REAL or real.transfer_from:
+                    raise ValueError(f"[{i}].pairs_with: {d.pairs_with!r} is not a real dataset "
+                                     f"of the manifest that trains (it has: {', '.join(names)})")
+                if d.transfer_from:
+                    raise ValueError(f"[{i}].transfer_from: a synthetic dataset is not evaluated")
             source = by_name.get(d.transfer_from or "")
             if d.transfer_from is None:
                 continue
-            if source is None or source is d:
+            if source is None or source is d or source.domain is Domain.SYNTHETIC:
                 raise ValueError(f"[{i}].transfer_from: {d.transfer_from!r} is not another "
                                  f"dataset of the manifest (it has: {', '.join(names)})")
             if source.transfer_from is not None:

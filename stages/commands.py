@@ -55,9 +55,13 @@ def run_all(manifest: Manifest, request: Request, *, device: str = "auto",
 
 
 def reports(plan: Plan, request: Request) -> list[Job]:
-    """The reports `run` aims at: the requested datasets' (a transfer source is planned with its
-    target, but only what the target reads of it runs), else every dataset's."""
-    return [j for j in plan.of("report") if not request.datasets or j.dataset in request.datasets]
+    """What `run` aims at: the requested datasets' reports (a transfer source is planned with its
+    target, but only what the target reads of it runs), else every dataset's; a dataset without
+    a report (a synthetic domain) is aimed at through its extract."""
+    wanted = [j for j in plan.jobs.values() if not request.datasets or j.dataset in request.datasets]
+    reported = {j.dataset for j in wanted if j.stage == "report"}
+    return [j for j in wanted if j.stage == "report" or
+            (j.stage == "extract" and j.dataset not in reported)]
 
 
 def dry_run(manifest: Manifest, request: Request, *, device: str = "auto",

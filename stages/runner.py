@@ -83,14 +83,16 @@ def build_plan(env: Environment, store: FeatureStore | None, request: Request) -
     heads_of: dict[str, tuple[tuple[int, ...], dict[str, list[Job | None]]]] = {}
     for spec in specs:
         source = heads_of.get(spec.transfer_from) if spec.transfer_from else None
-        if spec.transfer_from and source is None:
-            plan.broken[spec.name] = (f"dataset {spec.name}: its transfer source "
-                                      f"{spec.transfer_from} cannot be planned")
+        upstream = spec.transfer_from or spec.pairs_with
+        if upstream and upstream not in plan.datasets:
+            plan.broken[spec.name] = (f"dataset {spec.name}: the dataset it reads, {upstream}, "
+                                      "cannot be planned")
             continue
-        listed = source[0] if source else spec.seeds
-        seeds = _seeds(spec.transfer_from or spec.name, listed, request.seeds)
+        paired = plan.datasets[spec.pairs_with].facts.classnames if spec.pairs_with else None
+        listed = source[0] if source else () if paired else spec.seeds
+        seeds = _seeds(spec.transfer_from or spec.name, listed, () if paired else request.seeds)
         try:
-            dp = plan_dataset(spec, m.extraction.workers, env.progress, env.cache_dir)
+            dp = plan_dataset(spec, m.extraction.workers, env.progress, env.cache_dir, paired)
             planned = plan_records(dp, have, _known_failures(store, spec.name),
                                    m.extraction.views_for)
         except ShipyardError as exc:
@@ -99,7 +101,9 @@ def build_plan(env: Environment, store: FeatureStore | None, request: Request) -
         plan.datasets[spec.name] = planned
         texts = [text_key(plan.extractor, t, planned.facts.classnames) for t in spec.templates]
         base = Slot(m, spec, plan.extractor, texts, planned, seeds=seeds, options=options)
-        if source is not None:
+        if paired is not None:  # a synthetic domain: extracted, read by the heads of its pair
+            _add(plan, extract.STAGE, base)
+        elif source is not None:
             _plan_transfer_jobs(plan, base, source[1])
         else:
             heads_of[spec.name] = (seeds, _plan_dataset_jobs(plan, base, methods))
@@ -109,10 +113,11 @@ def build_plan(env: Environment, store: FeatureStore | None, request: Request) -
 def _sources_first(m: Manifest, specs: list[DatasetSpec]) -> list[DatasetSpec]:
     """The datasets to plan, each transfer source before its targets (and planned whenever a
     target is: the target evaluates the source's heads)."""
-    sources = [m.dataset(s.transfer_from) for s in specs if s.transfer_from]
-    out = [s for s in sources + specs if not s.transfer_from]
+    sources = [m.dataset(s.transfer_from or s.pairs_with or "") for s in specs
+               if s.transfer_from or s.pairs_with]
+    out = [s for s in sources + specs if not (s.transfer_from or s.pairs_with)]
     out = list({s.name: s for s in out}.values())
-    return out + [s for s in specs if s.transfer_from]
+    return out + [s for s in specs if s.pairs_with] + [s for s in specs if s.transfer_from]
 
 
 def _plan_transfer_jobs(plan: Plan, base: Slot, source: dict[str, list[Job | None]]) -> None:
