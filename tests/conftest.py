@@ -20,6 +20,31 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "fashion_demo"
 
 
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    """The crash-window tests go last and their two child processes start now, so the children
+    (about two minutes, one thread each) run beside every other test instead of before them.
+    While they run, this process keeps torch to one thread: two OpenMP threads on cores shared
+    with other processes stall (12x measured)."""
+    windows = [i for i in items if i.nodeid.startswith("tests/test_crash_windows.py")]
+    if not windows:
+        return
+    items[:] = [i for i in items if i not in windows] + windows
+    from tests.test_crash_windows import start_children
+
+    work = Path(config._tmp_path_factory.mktemp("windows"))  # type: ignore[attr-defined]
+    config._crash_children = start_children(work)  # type: ignore[attr-defined]
+    torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Children of an interrupted session do not outlive it."""
+    for child in getattr(config, "_crash_children", []):
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny tensors: one thread is as fast, and immune to the stalls of multi-threaded kernels

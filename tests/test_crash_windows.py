@@ -20,15 +20,27 @@ ROOT = Path(__file__).resolve().parent.parent
 GROUPS = (("extract", "synthesize", "evaluate"), ("train-generator", "train-adapter", "build-cache"))
 
 
-@pytest.fixture(scope="module")
-def windows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    env = {**os.environ, "SHIPYARD_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+def start_children(work: Path) -> list[subprocess.Popen[str]]:
+    """Start the children (single-threaded, in their own folders under `work`). The suite starts
+    them as soon as it is collected and runs these tests last, so the children overlap every
+    other test (tests/conftest.py)."""
+    env = {**os.environ, "SHIPYARD_CACHE_DIR": str(work / "cache")}
     children = []
     for i, group in enumerate(GROUPS):
-        work = tmp_path_factory.mktemp(f"windows{i}")
+        folder = work / f"windows{i}"
+        folder.mkdir(parents=True, exist_ok=True)
         children.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.crash_harness", str(work), *group], cwd=ROOT, env=env,
+            [sys.executable, "-m", "tests.crash_harness", str(folder), *group], cwd=ROOT, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return children
+
+
+@pytest.fixture(scope="module")
+def windows(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    children = getattr(request.config, "_crash_children", None)
+    if children is None:  # not started at collection (e.g. run through another entry point)
+        children = start_children(tmp_path_factory.mktemp("windows"))
     out: dict[str, Any] = {}
     for child in children:
         stdout, stderr = child.communicate(timeout=900)
