@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "fashion_demo"
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected: start nothing they left out
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
     """The crash-window tests go last and their two child processes start now, so the children
