@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from .dataset_plan import require_planned, subset_key
+from .dataset_plan import val_rows as planned_val_rows
 from .datasets import Split
 from .errors import StoreError
 from .features import FewShotSet, fewshot_set
 from .heads import zero_shot_weights
 from .manifest import DatasetSpec
-from .records import Extractor, StoredDataset
+from .records import Extractor, StoredDataset, fewshot_val_name
 from .store import FeatureStore
 from .zarr_nodes import require_unit_rows
 
@@ -66,10 +67,11 @@ def head_inputs(store: FeatureStore, ex: Extractor, spec: DatasetSpec, seed: int
 def val_rows(ds: StoredDataset, spec: DatasetSpec, seed: int) -> np.ndarray:
     """The base-class val rows a head of this seed tunes on (`dataset_plan.val_rows`, read from
     the store): the seed's few-shot val subset, or the whole val split without one."""
-    rows = ds.fewshot_val(spec.shots, seed)
-    if rows is None:
-        rows = np.flatnonzero(ds.splits() == Split.VAL)
-    return rows[np.isin(ds.labels()[rows], ds.base_labels)]
+    arrays = {"labels": ds.labels(), "splits": ds.splits()}
+    subset = ds.fewshot_val(spec.shots, seed)
+    if subset is not None:
+        arrays[fewshot_val_name(spec.shots, seed)] = subset
+    return planned_val_rows(arrays, spec.shots, seed, ds.base_labels)
 
 
 def transfer_inputs(store: FeatureStore, ex: Extractor, spec: DatasetSpec,

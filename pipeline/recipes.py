@@ -13,7 +13,6 @@ from .configs import HeadConfig, ShipConfig
 from .manifest import DatasetSpec, Manifest, Protocol
 from .registry import (
     DEFAULT_PRESET,
-    SHIP_SUFFIX,
     DatasetPreset,
     dataset_presets,
     ship_variants,
@@ -71,9 +70,6 @@ def ship_settings(manifest: Manifest, spec: DatasetSpec) -> tuple[str, ShipConfi
     epochs = manifest.ship.epochs or int(preset.get("epochs", DEFAULT_SHIP_EPOCHS))
     return variant, ship_variants()[variant].config, epochs
 
-
-def family(method: str) -> str:
-    return method.removesuffix(SHIP_SUFFIX)
 
 
 # How a reported head state is chosen: `clean` keeps the last epoch of every trained head;

@@ -89,19 +89,16 @@ def compute_batch(works: list[Work]) -> dict[str, Any]:
     have = set(ex.images.index())
     tables = [records_table(p, have) for p in plans]
     views_done, views_failed = 0, 0
-    if spec.views > 0:
-        res = encode_views(clip, ex.view_table, _missing_views(planned, tables, ex.view_table),
-                           spec, env.progress, env.strict)
-        views_done, views_failed = res.encoded, len(res.failures)
-        timings["views"] = res.seconds
-        for name, aug in spec.recipes.items():  # named recipes: their own tables, same images
-            table = store.create_view_table(ex, view_recipe_key(spec, name),
-                                            view_recipe(spec, name), spec.chunk_rows)
-            res = encode_views(clip, table, _missing_views(planned, tables, table),
-                               spec.model_copy(update={"augment": aug}), env.progress,
-                               env.strict)
+    if spec.views > 0:  # the primary recipe, then each named one in its own table
+        recipes = [("views", ex.view_table, spec)] + [
+            (f"views_{name}", store.create_view_table(ex, view_recipe_key(spec, name),
+                                                      view_recipe(spec, name), spec.chunk_rows),
+             spec.model_copy(update={"augment": aug})) for name, aug in spec.recipes.items()]
+        for label, table, recipe in recipes:
+            res = encode_views(clip, table, _missing_views(planned, tables, table), recipe,
+                               env.progress, env.strict)
             views_done, views_failed = views_done + res.encoded, views_failed + len(res.failures)
-            timings[f"views_{name}"] = res.seconds
+            timings[label] = res.seconds
     t0 = time.perf_counter()
     texts = _ensure_texts(clip, ex, works)
     timings["texts"] = time.perf_counter() - t0
