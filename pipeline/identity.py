@@ -166,3 +166,30 @@ class IdentityCache:
                            (source_key(spec), json.dumps(identity.to_dict())))
         finally:
             db.close()
+
+
+def checkpoint_description(pretrained: str | None) -> str | None:
+    """The `description` a safetensors checkpoint carries in its header metadata, if any (read
+    without loading the weights): what the model is, shown beside the figures it produced."""
+    if not pretrained or not pretrained.endswith(".safetensors") or not Path(pretrained).is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(pretrained, "np") as f:
+            meta = f.metadata() or {}
+    except Exception:  # a damaged header: loading the model reports it, this only adds a note
+        return None
+    description = meta.get("description")
+    return str(description) if description else None
+
+
+def model_notes(spec: ModelSpec) -> list[str]:
+    """Caveats every result of this model carries: random weights say nothing about CLIP; a
+    checkpoint that describes itself says what it is."""
+    if not spec.pretrained:
+        return [f"model {spec.name} has random weights (no pretrained checkpoint): these numbers "
+                "exercise the pipeline and say nothing about CLIP"]
+    description = checkpoint_description(spec.pretrained)
+    return [f"model: {description}"] if description else []
+

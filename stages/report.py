@@ -11,6 +11,7 @@ from typing import Any
 
 from ..pipeline.artifacts import ADAPTER, GENERATOR, REPORT, RUN, Ref
 from ..pipeline.datasets import protocol_warnings
+from ..pipeline.identity import model_notes
 from ..pipeline.recipes import describe_selections, tip_init
 from ..pipeline.registry import split_method, tunes_on_val
 from ..pipeline.report import report_key
@@ -62,11 +63,10 @@ def compute(work: Work) -> Outcome:
     ds = store.dataset(job.dataset)
     data = {
         "title": f"shipyard: {job.dataset}",
-        "notes": random_weights_note(env.manifest.model.pretrained)
-        + [w[0].upper() + w[1:] + "." for w in protocol_warnings(
+        "notes": [n[0].upper() + n[1:] + "." for n in [*model_notes(env.manifest.model), *protocol_warnings(
             ds.base_labels, ds.new_labels, int(ds.attrs["splits"]["val"]),
             tunes_on_val(record["inputs"]["heads"]),
-            tip_init(env.manifest, env.manifest.dataset(job.dataset)))],
+            tip_init(env.manifest, env.manifest.dataset(job.dataset)))]],
         "protocol": (f"transfer: heads trained on {record['params']['transfer_from']}; "
                      if record["params"].get("transfer_from") else "")
                     + f"{record['params']['protocol']}; mean over seeds "
@@ -86,13 +86,6 @@ def compute(work: Work) -> Outcome:
     }
     path = write_report(data, job.detail)
     return Outcome({}, {"report": str(path)})
-
-
-def random_weights_note(pretrained: str | None) -> list[str]:
-    if pretrained:
-        return []
-    return ["Random weights (no pretrained checkpoint): the numbers exercise the pipeline and say "
-            "nothing about CLIP."]
 
 
 def _projection(work: Work) -> dict[str, Any]:

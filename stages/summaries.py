@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..pipeline.datasets import protocol_warnings
+from ..pipeline.identity import model_notes
 from ..pipeline.recipes import describe_selections, tip_init
 from ..pipeline.registry import tunes_on_val
 from .base import Environment
@@ -116,10 +117,8 @@ def evaluate_summary(results: list[Result], plan: Plan, env: Environment) -> Sum
                          **({"report_error": failed[r.job.dataset]} if r.job.dataset in failed
                             else {}),
                          "seconds": round(r.seconds, 3)})
-    notes = [] if env.manifest.model.pretrained else [
-        f"model {env.manifest.model.name} has random weights (no pretrained checkpoint): these "
-        "numbers exercise the pipeline and say nothing about CLIP"]
-    return {"stage": "evaluate", "protocol": protocol, "notes": notes, "datasets": datasets}
+    return {"stage": "evaluate", "protocol": protocol, "notes": model_notes(env.manifest.model),
+            "datasets": datasets}
 
 
 SUMMARIES: dict[str, Callable[[list[Result], Plan, Environment], Summary]] = {
