@@ -33,6 +33,14 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def demo_indices(split_file: Path) -> set[int]:
+    """Indices into Fashion-MNIST's training set that a split written by this script uses (its
+    files are named `<pool>_<index>.png`; the test pool is Fashion-MNIST's test set)."""
+    split = json.loads(split_file.read_text("utf-8"))
+    return {int(Path(rel).stem.removeprefix("train_")) for rows in split.values()
+            for rel, _label, _name in rows if Path(rel).stem.startswith("train_")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "fashion_demo")

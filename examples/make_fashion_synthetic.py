@@ -16,11 +16,10 @@ committed and this script regenerates it byte for byte.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
-from make_fashion_demo import CLASSNAMES, SOURCE, read_idx
+from make_fashion_demo import CLASSNAMES, SOURCE, demo_indices, read_idx
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
@@ -28,13 +27,6 @@ PER_CLASS = 16  # SYNC-CLIP's count per class
 FIT = 300  # training images per class the sampler is fitted on
 COMPONENTS = 24  # principal components kept per class
 GAMMA = 0.6
-
-
-def demo_indices(split_file: Path) -> set[int]:
-    """Indices into Fashion-MNIST's training set that the demo's split uses."""
-    split = json.loads(split_file.read_text("utf-8"))
-    return {int(Path(rel).stem.removeprefix("train_")) for rows in split.values()
-            for rel, _label, _name in rows if Path(rel).stem.startswith("train_")}
 
 
 def fit_and_sample(images: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:

@@ -47,7 +47,6 @@ Usage: python examples/train_demo_clip.py [--steps N] [--out PATH] (see --help).
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import math
@@ -61,11 +60,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# The demo's own builder: Fashion-MNIST's class names in label order, where Debian puts the IDX
+# files, how to read them, and which training images the demo uses.
+from make_fashion_demo import CLASSNAMES, SOURCE, demo_indices, read_idx
+
 HERE = Path(__file__).resolve().parent
-SOURCE = Path("/usr/share/datasets/fashion-mnist")
-# Fashion-MNIST's label order, spelled as the demo's split file names the classes.
-CLASSNAMES = ["t-shirt", "trouser", "pullover", "dress", "coat",
-              "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 # Several phrasings per class; the demo manifest's template is the first.
 PHRASINGS = ["a photo of a {}, a type of clothing.", "a photo of a {}.", "a {}.",
              "a picture of a {}.", "an image of a {}, a type of clothing.", "{}"]
@@ -136,38 +135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip) of unsigned bytes -> array of its shape."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    _zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if dtype_code != 0x08:
-        raise SystemExit(f"{path}: expected unsigned-byte IDX data")
-    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def excluded_indices(split_file: Path | None) -> set[int]:
-    """Indices into Fashion-MNIST's training set that a CoOp split file uses (`train_NNNNN.png`)."""
-    if split_file is None:
-        return set()
-    split = json.loads(split_file.read_text("utf-8"))
-    out = set()
-    for rows in split.values():
-        for rel, _label, _name in rows:
-            stem = Path(rel).stem
-            if stem.startswith("train_"):
-                out.add(int(stem.removeprefix("train_")))
-    return out
-
-
 def training_images(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, int]:
     """(N, 28, 28) uint8 images, (N,) labels of the eligible training images, count excluded."""
     images = read_idx(args.source / "train-images-idx3-ubyte.gz")
     labels = read_idx(args.source / "train-labels-idx1-ubyte.gz").astype(np.int64)
     if len(images) != len(labels) or images.ndim != 3:
         raise SystemExit(f"{args.source}: images {images.shape} and labels {labels.shape} disagree")
-    drop = excluded_indices(args.exclude_split)
+    drop = set() if args.exclude_split is None else demo_indices(args.exclude_split)
     keep = np.array([i for i in range(len(images)) if i not in drop], dtype=np.int64)
     if args.limit is not None:
         keep = keep[: args.limit]

@@ -32,6 +32,7 @@ DEMO = ROOT / "examples" / "fashion_demo"
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "examples"))  # as when run: it imports the demo's builder
     spec = importlib.util.spec_from_file_location("train_demo_clip", ROOT / "examples" / "train_demo_clip.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
