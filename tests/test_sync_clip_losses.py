@@ -8,8 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from shipyard.pipeline.errors import UsageError
-from shipyard.pipeline.sync_clip import (SyncWeights, align_loss, mean_abs_distance, syn_loss,
-                                         synthetic_batch, total_loss)
+from shipyard.pipeline.sync_clip import (
+    SyncWeights,
+    align_loss,
+    mean_abs_distance,
+    syn_loss,
+    synthetic_batch,
+    total_loss,
+)
 
 REAL = torch.tensor([[0.0, 0.0], [2.0, 2.0]])
 SYN = torch.tensor([[2.0, 1.0], [2.0, 2.0]])
