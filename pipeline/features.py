@@ -97,3 +97,18 @@ def _unit(features: np.ndarray, device: torch.device) -> torch.Tensor:
     if t.numel() == 0:
         return t
     return torch.nn.functional.normalize(t, dim=-1)
+
+
+def domain_images(ds: StoredDataset, extractor: Extractor, device: torch.device,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every image of a synthetic-domain dataset: its clean unit features (S, D), their raw norms
+    (S,) and its labels (S,), the paired real dataset's class ids. The clean view stands for
+    SYNC-CLIP's one fixed transform per synthetic image."""
+    dataset = str(ds.attrs["name"])
+    keys = ds.keys()
+    if len(keys) == 0:
+        raise StoreError(f"dataset {dataset}: no images")
+    unit, norms = _gather(extractor.images, keys, extractor, "images", dataset)
+    return (_unit(unit, device), torch.from_numpy(norms).to(device),
+            torch.from_numpy(ds.labels().astype(np.int64)).to(device))
+

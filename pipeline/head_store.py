@@ -81,6 +81,9 @@ def stored_head(store: FeatureStore, kind: Kind, key: str, extractor: str,
     return group
 
 
+PROMPT_HEADS = ("coop", "sync-clip-fs")  # heads that encode their own class prompts
+
+
 def make_head(clip: ClipModel, inputs: HeadInputs, method: str, cfg: HeadConfig,
               syn: tuple[torch.Tensor, torch.Tensor] | None,
               base_only: bool = False) -> nn.Module:
@@ -90,7 +93,7 @@ def make_head(clip: ClipModel, inputs: HeadInputs, method: str, cfg: HeadConfig,
     key_labels = inputs.train.labels
     if syn is not None and method.startswith("tip-adapter"):  # synthesized features join the cache
         keys, key_labels = torch.cat([keys, syn[0]]), torch.cat([key_labels, syn[1]])
-    encoder = PromptEncoder.from_clip(clip) if method == "coop" else None
+    encoder = PromptEncoder.from_clip(clip) if method in PROMPT_HEADS else None
     return build_head(method, text=inputs.text, cfg=cfg, keys=keys, key_labels=key_labels,
                       encoder=encoder, classnames=inputs.classnames,
                       train_classes=len(inputs.base) if base_only else None)

@@ -1,6 +1,7 @@
 """Classifier heads over cached CLIP features: zero-shot, linear probe, CLIP-Adapter, CoOp and
-Tip-Adapter(-F). Every head maps (B, D) unit-norm image features to (B, C) logits over all C
-classes of a dataset (base then new). One registry names them; configs are frozen dataclasses."""
+Tip-Adapter(-F), SYNC-CLIP-FS. Every head maps (B, D) unit-norm image features to (B, C) logits over all C
+classes of a dataset (base then new). One registry names them; configs are frozen dataclasses.
+SYNC-CLIP's feature-space variant (SyncClipFS) trains in `sync_clip.py`."""
 
 from __future__ import annotations
 
@@ -110,6 +111,57 @@ class CoOp(nn.Module):
         return LOGIT_SCALE * f @ text.T  # (B, D) @ (D, C)
 
 
+class ResidualAdapter(nn.Module):
+    """f + Linear(D, D/4)-ReLU-Linear(D/4, D)(f), the last layer zero-initialised: the identity
+    until it trains."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, max(1, dim // 4))
+        self.up = nn.Linear(max(1, dim // 4), dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return f + self.up(F.relu(self.down(f)))
+
+
+class SyncClipFS(nn.Module):
+    """SYNC-CLIP on cached features (shipyard's own design, not the paper's method): CoOp's
+    shared context for the class prompts of both domains, and a residual adapter per domain
+    over the unit image features. `adapt` rebuilds raw features from the stored norms (raw =
+    norm * adapted), which SYNC-CLIP's alignment loss compares; logits read the adapted
+    direction, so scoring needs no norms. Evaluation scores real images (the real adapter)."""
+
+    def __init__(self, encoder: PromptEncoder, classnames: tuple[str, ...], cfg: HeadConfig) -> None:
+        super().__init__()
+        self.coop = CoOp(encoder, classnames, cfg)
+        dim = int(encoder.embed_dim)
+        self.real = ResidualAdapter(dim)
+        self.synthetic = ResidualAdapter(dim)
+
+    def adapt(self, unit: torch.Tensor, norms: torch.Tensor, synthetic: bool) -> torch.Tensor:
+        """(B, D) unit features and (B,) norms -> (B, D) raw adapted features."""
+        adapter = self.synthetic if synthetic else self.real
+        return norms[:, None] * adapter(unit)
+
+    def logits(self, raw: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return LOGIT_SCALE * F.normalize(raw, dim=-1) @ text.T
+
+    def text(self) -> torch.Tensor:
+        """(C, D) class features of every class: recomputed while training, cached in eval (the
+        CoOp module's cache, reset by `train()`)."""
+        if self.training:
+            return self.coop.class_features()
+        if self.coop._frozen is None:
+            with torch.no_grad():
+                self.coop._frozen = self.coop.class_features()
+        return self.coop._frozen
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.real(f), self.text())
+
+
 class TipAdapter(nn.Module):
     """logits = 100 f W^T + alpha exp(-beta (1 - f K^T)) V. With `trainable` (Tip-Adapter-F)
     the keys K are a bias-free linear layer initialised from the cache; values stay fixed."""
@@ -155,6 +207,7 @@ BUILDERS: dict[str, Builder] = {
     "clip-adapter": lambda text, cfg, **_: ClipAdapter(text, cfg.ratio),
     "coop": lambda text, cfg, encoder, classnames, train_classes=None, **_: CoOp(
         encoder, classnames, cfg, train_classes),
+    "sync-clip-fs": lambda text, cfg, encoder, classnames, **_: SyncClipFS(encoder, classnames, cfg),
     "tip-adapter": lambda text, cfg, keys, key_labels, **_: TipAdapter(
         text, keys, key_labels, cfg.alpha, cfg.beta, trainable=False),
     "tip-adapter-f": lambda text, cfg, keys, key_labels, **_: TipAdapter(

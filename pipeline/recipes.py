@@ -21,6 +21,7 @@ from .registry import (
 
 DEFAULT_SHIP_EPOCHS = 50
 TIP_HEADS = ("tip-adapter", "tip-adapter-f")
+SYNC_HEADS = ("sync-clip-fs",)
 
 
 def preset_of(spec: DatasetSpec) -> DatasetPreset:
@@ -43,6 +44,8 @@ def head_config(manifest: Manifest, spec: DatasetSpec, method: str) -> HeadConfi
     cfg = head.config(ship)
     if head.name in TIP_HEADS:
         cfg = replace(cfg, alpha=preset.tip_init[0], beta=preset.tip_init[1])
+    if head.name in SYNC_HEADS:
+        cfg = replace(cfg, epochs=int(preset.sync_clip["epochs"]))
     if cfg.views != "primary" and cfg.views not in manifest.extraction.recipes:
         # A registry default (CoOp: dassl) the manifest does not extract: the primary views.
         cfg = replace(cfg, views="primary")
@@ -61,6 +64,23 @@ def tip_init(manifest: Manifest, spec: DatasetSpec) -> tuple[float, float]:
     """Tip-Adapter's initial (alpha, beta) on this dataset: what a cache keeps without val."""
     cfg = head_config(manifest, spec, "tip-adapter")
     return cfg.alpha, cfg.beta
+
+
+def method_notes(methods: Any) -> list[str]:
+    """Caveats a table carries for the methods in it: SYNC-CLIP-FS is shipyard's own design."""
+    names = {m.removesuffix("+ship") for m in methods}
+    if names & set(SYNC_HEADS):
+        return ["sync-clip-fs is shipyard's own feature-space variant of SYNC-CLIP (CoOp's shared "
+                "context and a residual adapter per domain over cached features, with the paper's "
+                "three losses), not the paper's method, whose visual prompts need the image encoder"]
+    return []
+
+
+def sync_weights(spec: DatasetSpec) -> dict[str, float]:
+    """SYNC-CLIP's loss weights on this dataset (its preset): WEIGHT for L_syn, KLWEIGHT for
+    L_align."""
+    preset = preset_of(spec).sync_clip
+    return {"weight": float(preset["weight"]), "kl_weight": float(preset["kl_weight"])}
 
 
 def ship_settings(manifest: Manifest, spec: DatasetSpec) -> tuple[str, ShipConfig, int]:

@@ -27,7 +27,7 @@ def _preset(name: str) -> dict[str, Any]:
 class HeadSpec:
     name: str
     stage: str | None  # the stage that builds it: train-adapter | build-cache; None: nothing to build
-    ship: str | None  # how '+ship' adds synthesized features: pair | join; None: no +ship variant
+    ship: str | None  # how '+ship' adds synthesized features: pair | join | domain; None: none
     reads_val: bool  # tunes on val (alpha/beta), so val is one of its inputs
     reads_text: bool  # uses the zero-shot text classifier (CoOp builds its own from prompts)
     summary: str

@@ -16,12 +16,20 @@ Per step, with B real base images of labels y:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .configs import HeadConfig
 from .errors import UsageError
+from .features import FewShotSet
+from .head_training import make_optimizer, step_lr, steps_per_epoch
+from .heads import SyncClipFS
+from .progress import Progress, Silent
 
 
 @dataclass(frozen=True)
@@ -64,20 +72,127 @@ def total_loss(real: torch.Tensor, syn: torch.Tensor, align: torch.Tensor,
     return real + weights.weight * syn + weights.kl_weight * align
 
 
-def synthetic_batch(real_labels: torch.Tensor, pool_labels: torch.Tensor, new_classes: torch.Tensor,
-                    rng: torch.Generator) -> torch.Tensor:
-    """Rows of the synthetic pool (pool_labels (S,), class ids over all classes) for one step:
-    (2B,) indices, first one sample of each real label in order, then B samples whose labels
-    are uniform over `new_classes`; each sample uniform among its class's rows."""
-    b = real_labels.shape[0]
+def batch_labels(real_labels: torch.Tensor, new_classes: torch.Tensor,
+                 rng: torch.Generator) -> torch.Tensor:
+    """The synthetic batch's labels for B real labels: (2B,), the real labels in order, then B
+    labels uniform over `new_classes`."""
     if new_classes.numel() == 0:
         raise UsageError("SYNC-CLIP's synthetic batch needs at least one new class")
+    b = real_labels.shape[0]
     pick = new_classes[torch.randint(len(new_classes), (b,), generator=rng, device=rng.device)]
-    wanted = torch.cat([real_labels, pick.to(real_labels)])  # (2B,)
-    members = pool_labels[None, :] == wanted[:, None]  # (2B, S)
+    return torch.cat([real_labels, pick.to(real_labels)])
+
+
+def pool_rows(wanted: torch.Tensor, pool_labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """For each wanted label, a row of the pool (labels (S,)) of that label, uniformly."""
+    members = pool_labels[None, :] == wanted[:, None]  # (N, S)
     missing = wanted[~members.any(dim=1)].unique()
     if missing.numel():
         raise UsageError(f"the synthetic domain has no image of class id(s) "
                          f"{', '.join(str(int(c)) for c in missing[:6])}: SYNC-CLIP needs every "
                          "class (base and new) in it")
     return torch.multinomial(members.float(), 1, generator=rng).squeeze(1)
+
+
+def synthetic_batch(real_labels: torch.Tensor, pool_labels: torch.Tensor, new_classes: torch.Tensor,
+                    rng: torch.Generator) -> torch.Tensor:
+    """Rows of the synthetic pool for one step: (2B,) indices, first one sample of each real
+    label in order, then B samples whose labels are uniform over `new_classes`."""
+    return pool_rows(batch_labels(real_labels, new_classes, rng), pool_labels, rng)
+
+
+@dataclass(frozen=True)
+class DomainPool:
+    """Stored synthetic samples (an ingested synthetic-domain dataset, or a stored SHIP set):
+    unit features (S, D), their raw norms (S,), labels (S,) over all classes."""
+
+    unit: torch.Tensor
+    norms: torch.Tensor
+    labels: torch.Tensor
+
+    def draw(self, wanted: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = pool_rows(wanted, self.labels, rng)
+        return self.unit[rows], self.norms[rows]
+
+
+@dataclass(frozen=True)
+class FreshDomain:
+    """SHIP's generator as the synthetic domain: new samples of the wanted classes at every
+    step. SHIP's features are unit vectors; their raw norm is taken as the real shots' mean."""
+
+    sample: Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # labels (N,) -> (N, D)
+    norm: float
+
+    def draw(self, wanted: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        unit = F.normalize(self.sample(wanted, rng).float(), dim=-1)
+        return unit, torch.full((len(wanted),), self.norm, device=unit.device)
+
+
+Domain = DomainPool | FreshDomain
+
+
+def train_sync(head: SyncClipFS, real: FewShotSet, domain: Domain, new_classes: list[int],
+               cfg: HeadConfig, weights: SyncWeights, progress: Progress | None = None) -> dict[str, Any]:
+    """Train `head` in place on the real shots (one cached view per image per epoch, raw norms
+    from the store) and the synthetic domain, with L_real + WEIGHT L_syn + KLWEIGHT L_align and
+    the head's optimiser and schedule (Dassl's SGD for SYNC-CLIP). Returns the per-epoch log."""
+    progress = progress or Silent()
+    device = real.labels.device
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    rng = torch.Generator(device=device)
+    rng.manual_seed(cfg.seed)
+    n_base = len(real.classnames)
+    new = torch.tensor(new_classes, dtype=torch.long, device=device)
+    m = real.size
+    if real.clean_norms is None:
+        raise UsageError("SYNC-CLIP's alignment needs the stored feature norms (re-extract)")
+    steps = steps_per_epoch(m, cfg.batch_size, cfg.drop_last)
+    log: list[dict[str, float]] = []
+    task = progress.task("train sync-clip-fs", cfg.epochs, "epoch")
+    try:
+        for epoch in range(cfg.epochs):
+            t0 = time.perf_counter()
+            head.train()
+            unit, norms = _epoch_views(real, rng)
+            order = torch.randperm(m, generator=rng, device=device)
+            totals = torch.zeros(5, device=device)  # loss, real, syn, align, correct
+            for step, idx in enumerate(order.split(cfg.batch_size)[:steps]):
+                for group in optimizer.param_groups:
+                    group["lr"] = step_lr(cfg, epoch, step, steps)
+                y = real.labels[idx]
+                text = head.text()  # (C, D), both domains' classifier
+                real_raw = head.adapt(unit[idx], norms[idx], synthetic=False)
+                real_logits = head.logits(real_raw, text[:n_base])
+                l_real = F.cross_entropy(real_logits, y)
+                wanted = batch_labels(y, new, rng)
+                s_unit, s_norms = domain.draw(wanted, rng)
+                syn_raw = head.adapt(s_unit, s_norms, synthetic=True)
+                l_syn = syn_loss(head.logits(syn_raw, text), wanted)
+                l_align = align_loss(syn_raw[: len(y)], real_raw, y)
+                loss = total_loss(l_real, l_syn, l_align, weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                parts = torch.stack([loss, l_real, l_syn, l_align]).detach() * len(y)
+                totals += torch.cat([parts, (real_logits.argmax(1) == y).sum()[None].float()])
+            count = max(1, min(m, steps * cfg.batch_size))
+            t = (totals / count).tolist()
+            log.append({"epoch": epoch + 1, "loss": t[0], "real": t[1], "syn": t[2], "align": t[3],
+                        "train_acc": 100 * t[4], "seconds": time.perf_counter() - t0})
+            task.advance(1)
+    finally:
+        task.close()
+    head.eval()
+    return {"log": log, "selected_epoch": cfg.epochs}
+
+
+def _epoch_views(real: FewShotSet, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cached view per image for this epoch, with its norm: (M, D), (M,)."""
+    if real.views.shape[1] == 0 or real.view_norms is None:
+        assert real.clean_norms is not None
+        return real.clean, real.clean_norms
+    m = real.size
+    pick = torch.randint(real.views.shape[1], (m,), generator=rng, device=real.labels.device)
+    rows = torch.arange(m, device=pick.device)
+    return real.views[rows, pick], real.view_norms[rows, pick].to(real.views)

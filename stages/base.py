@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..pipeline.artifacts import SYNTHETIC, Kind, Ref, artifact_key
 from ..pipeline.dataset_plan import DatasetFacts, PlannedDataset
-from ..pipeline.errors import ExtractorMismatchError, ModelLoadError
+from ..pipeline.errors import ExtractorMismatchError, ModelLoadError, UsageError
 from ..pipeline.fingerprint import fingerprint
 from ..pipeline.hashing import default_cache_dir
 from ..pipeline.identity import IdentityCache, ModelIdentity, extractor_description
@@ -89,6 +89,9 @@ class Slot:
     heads: dict[str, list[Job | None]] = field(default_factory=dict)  # method -> job per seed
     per_seed: dict[int, dict[str, Job]] = field(default_factory=dict)  # seed -> its seed jobs
     options: dict[str, Any] = field(default_factory=dict)  # a command's explicit choices
+    # The synthetic-domain dataset paired with this one (its planned records and extract job):
+    # SYNC-CLIP's second domain.
+    domain: tuple[PlannedDataset, Job] | None = None
 
     @property
     def facts(self) -> DatasetFacts:
@@ -117,9 +120,17 @@ class Slot:
             inputs["val"] = facts.val[self.seed]
         if reads_test:
             inputs["test"] = facts.test
+        if head.ship == "domain" and not ship:  # SYNC-CLIP: the paired synthetic images
+            if self.domain is None:
+                raise UsageError(f"dataset {self.spec.name}: {self.method} needs a synthetic-domain "
+                                 f"dataset paired with it (an entry with domain: synthetic, "
+                                 f"pairs_with: {self.spec.name}), or use {self.method}+ship")
+            planned, extract = self.domain
+            inputs["domain"] = planned.facts.records
+            deps += (extract,)
         if ship:
             explicit = self.options.get("synthetic")
-            if head.ship == "pair" and not explicit:
+            if head.ship in ("pair", "domain") and not explicit:
                 # Fresh samples every step from the generator (SHIP's run_coop), not a pool.
                 inputs["generator"] = self.upstream["train-generator"].key
                 deps += (self.upstream["train-generator"],)

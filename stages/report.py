@@ -12,7 +12,7 @@ from typing import Any
 from ..pipeline.artifacts import ADAPTER, GENERATOR, REPORT, RUN, Ref
 from ..pipeline.datasets import protocol_warnings
 from ..pipeline.identity import model_notes
-from ..pipeline.recipes import describe_selections, tip_init
+from ..pipeline.recipes import describe_selections, method_notes, tip_init
 from ..pipeline.registry import split_method, tunes_on_val
 from ..pipeline.report import report_key
 from ..pipeline.store import FeatureStore
@@ -63,7 +63,8 @@ def compute(work: Work) -> Outcome:
     ds = store.dataset(job.dataset)
     data = {
         "title": f"shipyard: {job.dataset}",
-        "notes": [n[0].upper() + n[1:] + "." for n in [*model_notes(env.manifest.model), *protocol_warnings(
+        "notes": [n[0].upper() + n[1:] + "." for n in [
+            *model_notes(env.manifest.model), *method_notes(record["inputs"]["heads"]), *protocol_warnings(
             ds.base_labels, ds.new_labels, int(ds.attrs["splits"]["val"]),
             tunes_on_val(record["inputs"]["heads"]),
             tip_init(env.manifest, env.manifest.dataset(job.dataset)))]],

@@ -80,17 +80,14 @@ def build_plan(env: Environment, store: FeatureStore | None, request: Request) -
     methods = request.methods if request.methods is not None else m.heads.methods
     specs = _sources_first(m, [m.dataset(n) for n in request.datasets] or list(m.datasets))
     options = {"report_dir": env.report_dir, **request.options}
-    heads_of: dict[str, tuple[tuple[int, ...], dict[str, list[Job | None]]]] = {}
-    for spec in specs:
-        source = heads_of.get(spec.transfer_from) if spec.transfer_from else None
-        upstream = spec.transfer_from or spec.pairs_with
+    slots: list[Slot] = []
+    for spec in specs:  # the records of every dataset first: a synthetic domain's are read
+        upstream = spec.transfer_from or spec.pairs_with  # by the heads of its pair
         if upstream and upstream not in plan.datasets:
             plan.broken[spec.name] = (f"dataset {spec.name}: the dataset it reads, {upstream}, "
                                       "cannot be planned")
             continue
         paired = plan.datasets[spec.pairs_with].facts.classnames if spec.pairs_with else None
-        listed = source[0] if source else () if paired else spec.seeds
-        seeds = _seeds(spec.transfer_from or spec.name, listed, () if paired else request.seeds)
         try:
             dp = plan_dataset(spec, m.extraction.workers, env.progress, env.cache_dir, paired)
             planned = plan_records(dp, have, _known_failures(store, spec.name),
@@ -100,10 +97,23 @@ def build_plan(env: Environment, store: FeatureStore | None, request: Request) -
             continue
         plan.datasets[spec.name] = planned
         texts = [text_key(plan.extractor, t, planned.facts.classnames) for t in spec.templates]
-        base = Slot(m, spec, plan.extractor, texts, planned, seeds=seeds, options=options)
-        if paired is not None:  # a synthetic domain: extracted, read by the heads of its pair
-            _add(plan, extract.STAGE, base)
-        elif source is not None:
+        slots.append(Slot(m, spec, plan.extractor, texts, planned, options=options))
+    domains: dict[str, tuple[PlannedDataset, Job]] = {}
+    for base in slots:  # a synthetic domain: extracted, read by the heads of its pair (the
+        if base.spec.pairs_with:  # first one listed, when several pair with one dataset)
+            job = _add(plan, extract.STAGE, base)
+            assert job is not None
+            domains.setdefault(base.spec.pairs_with, (base.dataset, job))
+    heads_of: dict[str, tuple[tuple[int, ...], dict[str, list[Job | None]]]] = {}
+    for base in slots:
+        spec = base.spec
+        if spec.pairs_with:
+            continue
+        source = heads_of.get(spec.transfer_from) if spec.transfer_from else None
+        listed = source[0] if source else spec.seeds
+        seeds = _seeds(spec.transfer_from or spec.name, listed, request.seeds)
+        base = replace(base, seeds=seeds, domain=domains.get(spec.name))
+        if source is not None:
             _plan_transfer_jobs(plan, base, source[1])
         else:
             heads_of[spec.name] = (seeds, _plan_dataset_jobs(plan, base, methods))

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..pipeline.datasets import protocol_warnings
 from ..pipeline.identity import model_notes
-from ..pipeline.recipes import describe_selections, tip_init
+from ..pipeline.recipes import describe_selections, method_notes, tip_init
 from ..pipeline.registry import tunes_on_val
 from .base import Environment
 from .runner import Plan, Result
@@ -117,7 +117,9 @@ def evaluate_summary(results: list[Result], plan: Plan, env: Environment) -> Sum
                          **({"report_error": failed[r.job.dataset]} if r.job.dataset in failed
                             else {}),
                          "seconds": round(r.seconds, 3)})
-    return {"stage": "evaluate", "protocol": protocol, "notes": model_notes(env.manifest.model),
+    methods = {m for r in results for m in r.job.inputs.get("heads", {})}
+    return {"stage": "evaluate", "protocol": protocol,
+            "notes": model_notes(env.manifest.model) + method_notes(sorted(methods)),
             "datasets": datasets}
 
 

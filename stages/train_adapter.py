@@ -1,5 +1,6 @@
-"""`train-adapter`: a head (linear probe, CLIP-Adapter, CoOp, Tip-Adapter-F) trained on cached
-base-class features, optionally with SHIP's synthesized new-class features.
+"""`train-adapter`: a head (linear probe, CLIP-Adapter, CoOp, Tip-Adapter-F, SYNC-CLIP-FS) trained
+on cached base-class features, optionally with SHIP's synthesized new-class features (for
+SYNC-CLIP-FS: a synthetic domain of every class).
 
 Model code is imported inside `compute`: planning imports none."""
 
@@ -10,11 +11,13 @@ from typing import Any
 from ..pipeline.artifacts import ADAPTER
 from ..pipeline.identity import view_recipe_key
 from ..pipeline.recipes import (
+    SYNC_HEADS,
     TIP_HEADS,
     generator_epochs,
     head_config,
     selection,
     ship_settings,
+    sync_weights,
     tip_scale,
 )
 from .base import Declared, Outcome, Scope, Slot, Stage, Work
@@ -39,6 +42,10 @@ def declare(slot: Slot) -> Declared | None:
         params["generator_epochs"] = generator_epochs(ship_settings(slot.manifest, slot.spec)[2])
     if spec.name in TIP_HEADS:
         params["tip_scale"] = list(tip_scale(slot.manifest, slot.spec))
+    if spec.name in SYNC_HEADS:
+        params["sync"] = sync_weights(slot.spec)
+        if not ship and slot.domain is not None:
+            params["domain"] = slot.domain[0].facts.name
     reads_test = rule in ("best-epoch", "best-generator-epoch")
     inputs, deps, requires = slot.head_inputs(spec, ship, reads_test)
     if config.views != "primary":  # another recipe's views: its key is an input
@@ -63,6 +70,8 @@ def compute(work: Work) -> Outcome:
                          int(job.seed or 0), device, job.inputs.get("views", "primary"))
     inputs.check(job.inputs, job.id)
     method, cfg = job.params["head"], HeadConfig(**job.params["config"])
+    if method in SYNC_HEADS:
+        return train_sync_head(work, inputs, cfg)
     syn = synthetic_features(store, job.inputs["synthetic"], inputs, device) \
         if "synthetic" in job.inputs else None
     rule = job.params.get("selection")
@@ -112,6 +121,56 @@ def compute(work: Work) -> Outcome:
                "final_loss": round(float(last.get("loss", float("nan"))), 6), **tuned}
     attrs = {"log": out["log"], "selected_epoch": out["selected_epoch"],
              "classnames": list(inputs.classnames), **tuned}
+    return Outcome(attrs, summary)
+
+
+def train_sync_head(work: Work, inputs: Any, cfg: Any) -> Outcome:
+    """SYNC-CLIP-FS: the real shots and a synthetic domain, either the paired synthetic dataset's
+    images, a named stored synthetic set, or (+ship) SHIP's generator sampled for every class."""
+    import torch
+
+    from ..pipeline.dataset_plan import require_planned
+    from ..pipeline.features import domain_images
+    from ..pipeline.generators import load_generator
+    from ..pipeline.head_store import make_head, synthetic_features
+    from ..pipeline.heads import SyncClipFS
+    from ..pipeline.sync_clip import DomainPool, FreshDomain, SyncWeights, train_sync
+    from ..pipeline.synthesis import Synthesizer
+    from ..pipeline.weights import save_tensors
+
+    job, env, store = work.job, work.env, work.store
+    device = env.clip.device
+    assert inputs.train.clean_norms is not None
+    norm = float(inputs.train.clean_norms.mean())  # the raw scale of unit-only synthetic features
+    domain: Any
+    if "domain" in job.inputs:
+        ds = store.dataset(job.params["domain"])
+        require_planned(job.id, "domain", ds.version, job.inputs["domain"])
+        domain = DomainPool(*domain_images(ds, env.extractor(store), device))
+        source = f"dataset {job.params['domain']}"
+    elif "generator" in job.inputs:
+        generator = load_generator(store, job.inputs["generator"], env.clip, env.extractor_fp)
+        synth = Synthesizer(generator, inputs.classnames)
+        domain = FreshDomain(synth.fresh, norm)
+        source = "fresh"
+    else:
+        features, labels = synthetic_features(store, job.inputs["synthetic"], inputs, device)
+        domain = DomainPool(features, torch.full((len(labels),), norm, device=device), labels)
+        source = job.inputs["synthetic"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        head = make_head(env.clip, inputs, job.params["head"], cfg, None).to(device)
+    assert isinstance(head, SyncClipFS)
+    out = train_sync(head, inputs.train, domain, inputs.new, cfg, SyncWeights(**job.params["sync"]),
+                     env.progress)
+    save_tensors(work.group, "weights", head.state_dict())
+    last = out["log"][-1] if out["log"] else {}
+    summary = {"synthetic": source, "epochs": cfg.epochs, "selected_epoch": out["selected_epoch"],
+               "final_loss": round(float(last.get("loss", float("nan"))), 6),
+               "final_align": round(float(last.get("align", float("nan"))), 6)}
+    attrs = {"log": out["log"], "selected_epoch": out["selected_epoch"],
+             "classnames": list(inputs.classnames), "design": "shipyard's feature-space variant "
+             "of SYNC-CLIP, not the paper's method"}
     return Outcome(attrs, summary)
 
 
