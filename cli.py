@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -21,11 +22,11 @@ import typer
 
 from . import cli_text
 from .pipeline import registry
-from .pipeline.errors import ShipyardError
+from .pipeline.errors import ShipyardError, UsageError
 from .pipeline.locations import is_url
 from .pipeline.manifest import Device, Manifest
 from .pipeline.manifest_files import load_manifest
-from .pipeline.progress import Progress, Task
+from .pipeline.progress import LogProgress, Progress, Silent, Task
 
 HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
@@ -112,8 +113,24 @@ class BarProgress:
         return _BarTask(bar)
 
 
+PROGRESS_SECONDS = "SHIPYARD_PROGRESS_SECONDS"  # seconds between progress records in logs
+
+
 def _progress(g: Globals) -> Progress:
-    return BarProgress(enabled=g.verbosity >= 0 and sys.stderr.isatty())
+    """A live bar on a terminal; one-line records every few seconds when stderr is a file or a
+    pipe (a CI log, `nohup`), so a long run never looks dead; nothing with --quiet."""
+    if g.verbosity < 0:
+        return Silent()
+    if sys.stderr.isatty():
+        return BarProgress(enabled=True)
+    raw = os.environ.get(PROGRESS_SECONDS, "5")
+    try:
+        interval = float(raw)
+    except ValueError:
+        raise UsageError(f"{PROGRESS_SECONDS}={raw!r}: expected a number of seconds") from None
+    if not interval > 0:
+        raise UsageError(f"{PROGRESS_SECONDS}={raw!r}: expected a number of seconds > 0")
+    return LogProgress(sys.stderr, interval)
 
 
 def _print_version(value: bool) -> None:

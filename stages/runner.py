@@ -237,27 +237,39 @@ def execute(plan: Plan, env: Environment, store: FeatureStore, targets: list[Job
                 raise UsageError(f"{job.id}: no {ref.kind.name} {ref.key[:12]} in the store "
                                  f"{store.location}")
     results: dict[str, Result] = {}
-    for job in order:
-        stage = BY_NAME[job.stage]
-        forced = force == stage.name
-        if job.id in results:
-            continue
-        if not forced and not staleness(job, store):
-            results[job.id] = Result(job, "up to date", _stored_summary(store, stage, job), 0.0)
-        elif stage.compute_batch is not None:  # every stale job of the stage in one compute
-            batch = [j for j in order if j.stage == job.stage and j.id not in results
-                     and (forced or staleness(j, store))]
-            started = time.perf_counter()
-            summary = stage.compute_batch([Work(j, env, store) for j in batch])
-            for j in batch:
-                results[j.id] = Result(j, "built", summary, time.perf_counter() - started)
-        elif not stage.stored:  # a derived file: its failure must not take the results with it
-            results[job.id] = _run_derived(stage, job, env, store)
-        else:
-            results[job.id] = _run_job(stage, job, env, store, forced)
+    task = env.progress.task("jobs", len(order), "job")  # what is running, in logs too
+    try:
+        for job in order:
+            task.note(job.id)
+            _execute_one(env, store, job, order, force, results)
+            task.advance(1)
+    finally:
+        task.close()
     for r in results.values():  # -v: what ran, what was reused, how long each took
         log.info("%s: %s, key %s (%.2f s)", r.job.id, r.status, r.job.key[:12], r.seconds)
     return list(results.values())
+
+
+def _execute_one(env: Environment, store: FeatureStore, job: Job, order: list[Job],
+                 force: str | None, results: dict[str, Result]) -> None:
+    """Run one job of `execute`'s order unless it is up to date (or ran in a batch already)."""
+    stage = BY_NAME[job.stage]
+    forced = force == stage.name
+    if job.id in results:
+        return
+    if not forced and not staleness(job, store):
+        results[job.id] = Result(job, "up to date", _stored_summary(store, stage, job), 0.0)
+    elif stage.compute_batch is not None:  # every stale job of the stage in one compute
+        batch = [j for j in order if j.stage == job.stage and j.id not in results
+                 and (forced or staleness(j, store))]
+        started = time.perf_counter()
+        summary = stage.compute_batch([Work(j, env, store) for j in batch])
+        for j in batch:
+            results[j.id] = Result(j, "built", summary, time.perf_counter() - started)
+    elif not stage.stored:  # a derived file: its failure must not take the results with it
+        results[job.id] = _run_derived(stage, job, env, store)
+    else:
+        results[job.id] = _run_job(stage, job, env, store, forced)
 
 
 def _run_derived(stage: Stage, job: Job, env: Environment, store: FeatureStore) -> Result:
