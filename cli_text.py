@@ -117,9 +117,37 @@ def info_text(s: Summary) -> str:
         splits = ", ".join(f"{k} {v}" for k, v in d["splits"].items())
         lines.append(f"  dataset {d['name']}: {d['records']} records ({splits}), {d['classes']} "
                      f"classes, {d['failures']} failures")
+    listing = s.get("listing", {})
     for kind, count in s.get("artifacts", {}).items():
         lines.append(f"  {kind}: {count}")
+        entries = sorted(listing.get(kind, []), key=lambda e: (e["job"] or "", e["created"] or ""))
+        lines.extend(_artifact_line(e) for e in entries[:INFO_PER_KIND])
+        if len(entries) > INFO_PER_KIND:
+            lines.append(f"    ... and {len(entries) - INFO_PER_KIND} more (--json lists all)")
     return "\n".join(lines)
+
+
+INFO_PER_KIND = 12  # artefacts listed per kind in text; --json lists every one
+
+
+def _artifact_line(e: dict[str, Any]) -> str:
+    """`key  job  created, device, seconds  <- input keys` (an incomplete one says so)."""
+    inputs = ", ".join(f"{name} {_short(value)}" for name, value in sorted(e["inputs"].items()))
+    when = ", ".join(str(x) for x in (e["created"], e["device"],
+                                      None if e["seconds"] is None else f"{e['seconds']} s") if x)
+    state = "" if e["complete"] else " (incomplete)"
+    return f"    {e['key'][:12]}  {e['job'] or '?'}{state}  {when}  <- {inputs or 'nothing'}"
+
+
+def _short(value: Any) -> str:
+    """An input key (or list of keys, or a mapping of them) shortened to 12 characters each."""
+    if isinstance(value, str):
+        return value[:12]
+    if isinstance(value, list):
+        return "[" + " ".join(_short(v) for v in value) + "]"
+    if isinstance(value, dict):  # a run's heads: one entry per method
+        return f"({len(value)} entries)"
+    return str(value)
 
 
 def verify_text(s: Summary) -> str:

@@ -48,10 +48,25 @@ def info(store: FeatureStore) -> dict[str, Any]:
             "failures": len(ds.failures),
         })
     root = attrs_of(store.root)
-    artifacts = {k.folder: len(keys_of(store.root, k)) for k in FOLDER_KINDS}
+    listing = {k.folder: [artifact_entry(store, k, key) for key in keys_of(store.root, k)]
+               for k in FOLDER_KINDS}
     return {"store": store.location, "format": root.get("shipyard_format"),
             "created": root.get("created"), "extractors": extractors, "datasets": datasets,
-            "artifacts": {k: n for k, n in artifacts.items() if n}}
+            "artifacts": {k: len(v) for k, v in listing.items() if v},
+            "listing": {k: v for k, v in listing.items() if v}}
+
+
+def artifact_entry(store: FeatureStore, kind: Kind, key: str) -> dict[str, Any]:
+    """One artefact's provenance: the job that made it, its inputs by key, when, where and how
+    long, and whether it is committed (an incomplete one is a killed or running write)."""
+    attrs = attrs_of(child_group(child_group(store.root, kind.folder), key))
+    record = dict(attrs.get("record") or {})
+    provenance = dict(attrs.get("provenance") or {})
+    return {"key": key, "kind": kind.name, "job": record.get("job"),
+            "complete": bool(attrs.get("complete")), "inputs": record.get("inputs", {}),
+            "created": provenance.get("created"), "device": provenance.get("device"),
+            "seconds": provenance.get("seconds"), "resumed": provenance.get("resumed"),
+            "shipyard": provenance.get("shipyard")}
 
 
 @dataclass

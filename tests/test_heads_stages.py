@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import yaml
+import zarr
 from shipyard.cli import app
-from shipyard.pipeline.artifacts import ADAPTER, CACHE, RUN, Ref, keys_of
+from shipyard.pipeline.artifacts import ADAPTER, CACHE, FOLDER_KINDS, RUN, Ref, keys_of
 from shipyard.pipeline.store import FeatureStore
 from typer.testing import CliRunner
 
@@ -392,3 +393,30 @@ def test_a_stored_cache_holds_the_raw_average_of_the_stored_views(ran: dict[str,
     plain = next(g for g in caches if "synthetic" not in dict(g.attrs["record"])["inputs"])
     stored = read_sealed(child_array(plain, "keys"))
     np.testing.assert_allclose(stored, expected, atol=1e-5)
+
+
+def test_store_info_lists_every_artefact_with_its_provenance(ran: dict[str, Any]) -> None:
+    store_path = ran["tmp"] / "s.zarr"
+    dry = json.loads(invoke("--manifest", str(ran["path"]), "run", "--dry-run", "--json").stdout)
+    planned = {j["id"]: j["key"] for j in dry["jobs"] if j["id"].split(":")[0] in
+               ("generator", "synthetic", "adapter", "cache", "run")}
+    info = json.loads(invoke("--store", str(store_path), "store", "info", "--json").stdout)
+    listed = {e["job"]: e for entries in info["listing"].values() for e in entries}
+    assert {job: e["key"] for job, e in listed.items()} == planned  # each job's artefact, by key
+    assert info["artifacts"] == {kind: len(v) for kind, v in info["listing"].items()}
+    with FeatureStore.open(str(store_path), read_only=True) as store:
+        for entries in info["listing"].values():
+            for e in entries:
+                kind = next(k for k in FOLDER_KINDS if k.name == e["kind"])
+                group = store.lookup(Ref.of(kind, e["key"]))
+                assert group is not None
+                assert e["inputs"] == dict(group.attrs["record"])["inputs"]  # type: ignore[arg-type]
+                assert e["complete"] and e["device"] == "cpu" and e["created"]
+    adapter = next(e for e in info["listing"]["adapters"] if e["job"].endswith(":coop"))
+    group = zarr.open_group(zarr.storage.LocalStore(store_path), mode="r+")
+    group[f"adapters/{adapter['key']}"].attrs["complete"] = False  # a killed write
+    info = json.loads(invoke("--store", str(store_path), "store", "info", "--json").stdout)
+    assert not next(e for e in info["listing"]["adapters"] if e["key"] == adapter["key"])["complete"]
+    text = invoke("--store", str(store_path), "store", "info").stdout
+    assert f"{adapter['key'][:12]}  {adapter['job']} (incomplete)" in text
+    assert "run:demo" in text
