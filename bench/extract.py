@@ -50,10 +50,10 @@ def make_manifest(work: Path, model: str, n: int, batch: int, workers: int) -> P
     return path
 
 
-def bare_forward(manifest_path: Path, batch: int, reps: int) -> float:
+def bare_forward(manifest_path: Path, batch: int, reps: int, device: str = "cpu") -> float:
     """Images/s of model.encode_image alone on pre-made input tensors."""
     m = load_manifest(manifest_path)
-    clip = load_clip(m.model, torch.device("cpu"))
+    clip = load_clip(m.model, torch.device(device))
     split = json.loads(m.datasets[0].split_file.read_text())  # type: ignore[union-attr]
     paths = [m.datasets[0].root / row[0] for row in split["test"]]
     x = torch.stack([clean_view(decode(p.read_bytes(), str(p)), clip.preprocess) for p in paths])
@@ -67,14 +67,14 @@ def bare_forward(manifest_path: Path, batch: int, reps: int) -> float:
     return statistics.median(rates)
 
 
-def extract_rate(manifest_path: Path, reps: int) -> tuple[float, float]:
+def extract_rate(manifest_path: Path, reps: int, device: str = "cpu") -> tuple[float, float]:
     """(encode-phase images/s, end-to-end images/s) of the extract stage on a fresh store."""
     m = load_manifest(manifest_path)
     phase, total = [], []
     for _ in range(reps):
         shutil.rmtree(m.store, ignore_errors=True)
         t0 = time.perf_counter()
-        out = stage_command(m, "extract", Request(methods=()), device="cpu",
+        out = stage_command(m, "extract", Request(methods=()), device=device,
                             cache_dir=Path(m.store).parent / "cache")
         total.append(out["extracted"] / (time.perf_counter() - t0))
         phase.append(out["images_per_second"])
@@ -88,12 +88,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (encode_images returns to the "
+                        "host, so every timing includes the device sync)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = make_manifest(Path(tmp), args.model, args.images, args.batch, args.workers)
-        extract_rate(path, 1) if args.model == "shipyard-tiny" else None  # warm file cache
-        bare = bare_forward(path, args.batch, args.reps)
-        phase, total = extract_rate(path, args.reps)
+        extract_rate(path, 1, args.device) if args.model == "shipyard-tiny" else None  # warm cache
+        bare = bare_forward(path, args.batch, args.reps, args.device)
+        phase, total = extract_rate(path, args.reps, args.device)
     print(f"model {args.model}, {args.images} demo images, batch {args.batch}, "
           f"{args.workers} decode workers, {torch.get_num_threads()} torch threads")
     print(f"{'':34}{'images/s':>10}")

@@ -58,22 +58,25 @@ def _time_modes(modes: dict[str, tuple[PromptEncoder, bool]], inputs: tuple, rep
         for key, (enc, cut) in modes.items():
             start = time.perf_counter()
             _step(enc, *inputs, cut)
+            if inputs[2].is_cuda:  # labels: kernels are asynchronous, wait for them
+                torch.cuda.synchronize()
             times[key].append(time.perf_counter() - start)
     return {key: 1e3 * statistics.median(t) for key, t in times.items()}, outputs
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, float | int | str]:
-    clip = load_clip(ModelSpec(name=name), torch.device("cpu"))
+    device = torch.device(args.device)
+    clip = load_clip(ModelSpec(name=name), device)
     single = PromptEncoder.from_clip(clip)
     grouped = PromptEncoder.from_clip(clip, length_groups=args.groups)
     prompts = single.class_prompts(CLASS_NAMES, n_ctx=args.n_ctx)
     reps = args.reps if single.width < 512 else args.large_reps
     gen = torch.Generator().manual_seed(0)
-    labels = torch.randint(len(CLASS_NAMES), (args.batch,), generator=gen)  # (B,)
-    ctx = (0.02 * torch.randn(args.n_ctx, single.width, generator=gen)).requires_grad_(True)
+    labels = torch.randint(len(CLASS_NAMES), (args.batch,), generator=gen).to(device)  # (B,)
+    ctx = (0.02 * torch.randn(args.n_ctx, single.width, generator=gen)).to(device).requires_grad_(True)
     bias = None
     if args.bias:
-        bias = (0.02 * torch.randn(args.batch, single.width, generator=gen)).requires_grad_(True)
+        bias = (0.02 * torch.randn(args.batch, single.width, generator=gen)).to(device).requires_grad_(True)
     modes = {"full_ms": (single, False), "cut_ms": (single, True), "grouped_ms": (grouped, True)}
     medians, outputs = _time_modes(modes, (ctx, bias, labels, prompts), reps, args.warmup)
     diff = max(float((outputs[key] - outputs["full_ms"]).abs().max()) for key in modes)
@@ -96,6 +99,7 @@ def main() -> None:
     parser.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
                         help="add a per-sample bias to the context (SHIP) or not (CoOp)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # open_clip warns about random weights
     if args.threads:
