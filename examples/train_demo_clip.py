@@ -275,18 +275,20 @@ def train(args: argparse.Namespace, log=print) -> tuple[torch.nn.Module, dict]:
     torch.use_deterministic_algorithms(True)
     start = time.perf_counter()
     images, labels, excluded = training_images(args)
+    from shipyard.pipeline.models import preprocess_of
+
     model, tokenizer = build_model(args.seed)
-    pre = model.visual.preprocess_cfg
-    size = int(pre["size"][0] if isinstance(pre["size"], (tuple, list)) else pre["size"])
-    mean, std = torch.tensor(pre["mean"]), torch.tensor(pre["std"])
-    grey = preprocess_grey(images, size)
+    pre = preprocess_of(model)  # what extraction will feed the trained model
+    mean, std = torch.tensor(pre.mean), torch.tensor(pre.std)
+    grey = preprocess_grey(images, pre.size)
     labels_t = torch.from_numpy(labels)
     n_classes, n_phr = len(CLASSNAMES), len(PHRASINGS)
     shaded = ["", *(f"{shade} " for shade in SHADES)]  # index 0: no shade word
     captions = [p.format(a + c) for c in CLASSNAMES for p in PHRASINGS for a in shaded]
     thresholds = shade_thresholds(grey)
-    table = CaptionTable(model, tokenizer(captions))
-    check_caption_encoder(model, table, tokenizer(captions))
+    tokens = tokenizer(captions)
+    table = CaptionTable(model, tokens)
+    check_caption_encoder(model, table, tokens)
     model.token_embedding.weight.requires_grad_(False)  # trained through `table.rows`
     if args.logit_scale:
         with torch.no_grad():
@@ -358,21 +360,20 @@ def check_caption_encoder(model, table: CaptionTable, tokens: torch.Tensor) -> N
 def zero_shot(model, tokenizer, split_file: Path, template: str = PHRASINGS[0]) -> dict:
     """Top-1 of the demo's test images against its class names, through the extractor's own
     decoding and clean view."""
-    from shipyard.pipeline.identity import Preprocess
+    from shipyard.pipeline.models import preprocess_of
     from shipyard.pipeline.preprocess import clean_view, decode
 
     split = json.loads(split_file.read_text("utf-8"))
     root = split_file.parent / "images"
-    cfg = model.visual.preprocess_cfg
-    size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
-    pre = Preprocess(size=int(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                     interpolation="bicubic", resize_mode="shortest")
+    pre = preprocess_of(model)
     rows = split["test"]
     names = sorted({(label, name) for _rel, label, name in rows})
     text = model.encode_text(tokenizer([template.format(n) for _l, n in names]), normalize=True)
     batch = torch.stack([clean_view(decode((root / rel).read_bytes(), rel), pre)
                          for rel, _l, _n in rows])
     img = model.encode_image(batch, normalize=True)
+    # Fractions counted here rather than metrics.base_new's percentages: they are stored in the
+    # checkpoint's metadata, whose bytes a rerun must reproduce.
     logits = (img @ text.T).numpy()
     truth = np.array([label for _rel, label, _n in rows])
     half = len(names) // 2  # CoOp's base/new split: the first half of the labels is base

@@ -111,4 +111,3 @@ def domain_images(ds: StoredDataset, extractor: Extractor, device: torch.device,
     unit, norms = _gather(extractor.images, keys, extractor, "images", dataset)
     return (_unit(unit, device), torch.from_numpy(norms).to(device),
             torch.from_numpy(ds.labels().astype(np.int64)).to(device))
-

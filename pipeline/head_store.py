@@ -159,4 +159,3 @@ def load_cache(store: FeatureStore, key: str, extractor: str, inputs: HeadInputs
     index = CacheIndex.build(keys, params["index"])
     return CachedTip(index, labels, inputs.text, float(attrs["alpha"]), float(attrs["beta"]),
                      params["topk"])
-

@@ -35,13 +35,19 @@ class HeadData:
     draw: Draw | None = None  # pair: fresh samples every step instead of the stored pool
 
 
+def pick_views(views: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which cached view each image trains on this epoch: (rows, picks), both (M,), to index
+    views (M, V, D) or their norms (M, V). V must be > 0."""
+    m = views.shape[0]
+    pick = torch.randint(views.shape[1], (m,), generator=rng, device=views.device)
+    return torch.arange(m, device=views.device), pick
+
+
 def _real(data: HeadData, rng: torch.Generator) -> torch.Tensor:
     """One cached view per image for this epoch: (M, D)."""
-    m = data.labels.shape[0]
     if data.views.shape[1] == 0:
         return data.clean
-    pick = torch.randint(data.views.shape[1], (m,), generator=rng, device=data.labels.device)
-    return data.views[torch.arange(m, device=pick.device), pick]
+    return data.views[pick_views(data.views, rng)]
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # features (B, D), labels (B,)

@@ -1,7 +1,7 @@
-"""Classifier heads over cached CLIP features: zero-shot, linear probe, CLIP-Adapter, CoOp and
-Tip-Adapter(-F), SYNC-CLIP-FS. Every head maps (B, D) unit-norm image features to (B, C) logits over all C
-classes of a dataset (base then new). One registry names them; configs are frozen dataclasses.
-SYNC-CLIP's feature-space variant (SyncClipFS) trains in `sync_clip.py`."""
+"""Classifier heads over cached CLIP features: zero-shot, linear probe, CLIP-Adapter, CoOp,
+Tip-Adapter(-F) and SYNC-CLIP-FS. Every head maps (B, D) unit-norm image features to (B, C)
+logits over all C classes of a dataset (base then new). One registry names them; configs are
+frozen dataclasses. SYNC-CLIP-FS trains in `sync_clip.py`."""
 
 from __future__ import annotations
 
@@ -100,15 +100,18 @@ class CoOp(nn.Module):
         self._frozen = None  # text features are cached only while evaluating
         return super().train(mode)
 
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
+    def text(self) -> torch.Tensor:
+        """The class features it scores against: recomputed from the context while training (the
+        training classes), cached for every class in eval (reset by `train()`)."""
         if self.training:
-            text = self.class_features(self.train_classes)
-        else:
-            if self._frozen is None:
-                with torch.no_grad():
-                    self._frozen = self.class_features()
-            text = self._frozen
-        return LOGIT_SCALE * f @ text.T  # (B, D) @ (D, C)
+            return self.class_features(self.train_classes)
+        if self._frozen is None:
+            with torch.no_grad():
+                self._frozen = self.class_features()
+        return self._frozen
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return LOGIT_SCALE * f @ self.text().T  # (B, D) @ (D, C)
 
 
 class ResidualAdapter(nn.Module):
@@ -149,14 +152,8 @@ class SyncClipFS(nn.Module):
         return LOGIT_SCALE * F.normalize(raw, dim=-1) @ text.T
 
     def text(self) -> torch.Tensor:
-        """(C, D) class features of every class: recomputed while training, cached in eval (the
-        CoOp module's cache, reset by `train()`)."""
-        if self.training:
-            return self.coop.class_features()
-        if self.coop._frozen is None:
-            with torch.no_grad():
-                self.coop._frozen = self.coop.class_features()
-        return self.coop._frozen
+        """(C, D) class features of every class, as CoOp computes and caches them."""
+        return self.coop.text()
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.logits(self.real(f), self.text())

@@ -192,4 +192,3 @@ def model_notes(spec: ModelSpec) -> list[str]:
                 "exercise the pipeline and say nothing about CLIP"]
     description = checkpoint_description(spec.pretrained)
     return [f"model: {description}"] if description else []
-

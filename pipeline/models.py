@@ -72,15 +72,7 @@ def load_clip(spec: ModelSpec, device: torch.device) -> ClipModel:
         raise ModelLoadError(f"cannot load model {spec.name} "
                              f"(pretrained={spec.pretrained}): {first}") from None
     model.eval().requires_grad_(False)
-    cfg = model.visual.preprocess_cfg
-    size = cfg["size"]
-    preprocess = Preprocess(
-        size=int(size[0] if isinstance(size, tuple | list) else size),
-        mean=tuple(float(x) for x in cfg["mean"]),
-        std=tuple(float(x) for x in cfg["std"]),
-        interpolation=str(cfg.get("interpolation", "bicubic")),
-        resize_mode=str(cfg.get("resize_mode", "shortest")),
-    )
+    preprocess = preprocess_of(model)
     if preprocess.resize_mode != "shortest":
         raise UsageError(f"model {spec.name}: resize mode {preprocess.resize_mode!r} unsupported")
     return ClipModel(
@@ -92,6 +84,19 @@ def load_clip(spec: ModelSpec, device: torch.device) -> ClipModel:
         embed_dim=_embed_dim(model),
         text_width=int(_text_parts(model).token_embedding.weight.shape[1]),
         device=device,
+    )
+
+
+def preprocess_of(model: Any) -> Preprocess:
+    """The clean-view preprocessing an open_clip model asks for (its visual preprocess config)."""
+    cfg = model.visual.preprocess_cfg
+    size = cfg["size"]
+    return Preprocess(
+        size=int(size[0] if isinstance(size, tuple | list) else size),
+        mean=tuple(float(x) for x in cfg["mean"]),
+        std=tuple(float(x) for x in cfg["std"]),
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+        resize_mode=str(cfg.get("resize_mode", "shortest")),
     )
 
 

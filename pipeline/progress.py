@@ -102,4 +102,3 @@ class _LogTask:
             parts.append("eta unknown")
         parts.append(f"{elapsed:.0f} s elapsed")
         return ", ".join(parts) + (f" [{self.text}]" if self.text else "")
-

@@ -91,7 +91,6 @@ def ship_settings(manifest: Manifest, spec: DatasetSpec) -> tuple[str, ShipConfi
     return variant, ship_variants()[variant].config, epochs
 
 
-
 # How a reported head state is chosen: `clean` keeps the last epoch of every trained head;
 # `paper` follows each public code's own rule (presets/heads.json, "paper").
 SELECTIONS = {

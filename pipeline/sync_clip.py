@@ -1,6 +1,7 @@
-"""SYNC-CLIP's training signal, shared by the paper's prompted-ViT method and shipyard's
-feature-space variant: the synthetic batch drawn beside each real batch and the three losses
-L = L_real + WEIGHT * L_syn + KLWEIGHT * L_align (METHODS.md, section SYNC-CLIP).
+"""SYNC-CLIP's training signal: the synthetic batch drawn beside each real batch and the three
+losses L = L_real + WEIGHT * L_syn + KLWEIGHT * L_align (METHODS.md, section SYNC-CLIP), and the
+training loop of shipyard's feature-space variant (`sync-clip-fs`). The losses do not depend on
+where the features come from, so the paper's prompted-ViT method can train on them too.
 
 Per step, with B real base images of labels y:
 - the synthetic batch is 2B synthetic samples: for each real label one synthetic sample of that
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from .configs import HeadConfig
 from .errors import UsageError
 from .features import FewShotSet
-from .head_training import make_optimizer, step_lr, steps_per_epoch
+from .head_training import make_optimizer, pick_views, step_lr, steps_per_epoch
 from .heads import SyncClipFS
 from .progress import Progress, Silent
 
@@ -92,13 +93,6 @@ def pool_rows(wanted: torch.Tensor, pool_labels: torch.Tensor, rng: torch.Genera
                          f"{', '.join(str(int(c)) for c in missing[:6])}: SYNC-CLIP needs every "
                          "class (base and new) in it")
     return torch.multinomial(members.float(), 1, generator=rng).squeeze(1)
-
-
-def synthetic_batch(real_labels: torch.Tensor, pool_labels: torch.Tensor, new_classes: torch.Tensor,
-                    rng: torch.Generator) -> torch.Tensor:
-    """Rows of the synthetic pool for one step: (2B,) indices, first one sample of each real
-    label in order, then B samples whose labels are uniform over `new_classes`."""
-    return pool_rows(batch_labels(real_labels, new_classes, rng), pool_labels, rng)
 
 
 @dataclass(frozen=True)
@@ -192,7 +186,5 @@ def _epoch_views(real: FewShotSet, rng: torch.Generator) -> tuple[torch.Tensor, 
     if real.views.shape[1] == 0 or real.view_norms is None:
         assert real.clean_norms is not None
         return real.clean, real.clean_norms
-    m = real.size
-    pick = torch.randint(real.views.shape[1], (m,), generator=rng, device=real.labels.device)
-    rows = torch.arange(m, device=pick.device)
-    return real.views[rows, pick], real.view_norms[rows, pick].to(real.views)
+    chosen = pick_views(real.views, rng)
+    return real.views[chosen], real.view_norms[chosen].to(real.views)

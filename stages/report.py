@@ -61,13 +61,13 @@ def compute(work: Work) -> Outcome:
     table = attrs["table"]
     seeds = record["params"]["seeds"]
     ds = store.dataset(job.dataset)
+    notes = [*model_notes(env.manifest.model), *method_notes(record["inputs"]["heads"]),
+             *protocol_warnings(ds.base_labels, ds.new_labels, int(ds.attrs["splits"]["val"]),
+                                tunes_on_val(record["inputs"]["heads"]),
+                                tip_init(env.manifest, env.manifest.dataset(job.dataset)))]
     data = {
         "title": f"shipyard: {job.dataset}",
-        "notes": [n[0].upper() + n[1:] + "." for n in [
-            *model_notes(env.manifest.model), *method_notes(record["inputs"]["heads"]), *protocol_warnings(
-            ds.base_labels, ds.new_labels, int(ds.attrs["splits"]["val"]),
-            tunes_on_val(record["inputs"]["heads"]),
-            tip_init(env.manifest, env.manifest.dataset(job.dataset)))]],
+        "notes": [n[0].upper() + n[1:] + "." for n in notes],
         "protocol": (f"transfer: heads trained on {record['params']['transfer_from']}; "
                      if record["params"].get("transfer_from") else "")
                     + f"{record['params']['protocol']}; mean over seeds "

@@ -62,7 +62,6 @@ def compute(work: Work) -> Outcome:
     from ..pipeline.head_training import HeadData, train_head
     from ..pipeline.heads import LinearProbe, TipAdapter
     from ..pipeline.tip import tune_alpha_beta
-    from ..pipeline.weights import save_tensors
 
     job, env, store = work.job, work.env, work.store
     clip, device = env.clip, env.clip.device
@@ -113,14 +112,22 @@ def compute(work: Work) -> Outcome:
                                  inputs.val.labels, inputs.text, inputs.base,
                                  tuple(job.params["tip_scale"]), (cfg.alpha, cfg.beta))
         head.alpha, head.beta = tuned["alpha"], tuned["beta"]
+    synthetic = job.inputs.get("synthetic") or ("fresh" if "generator" in job.inputs else None)
+    return trained_outcome(work, head, out, inputs, cfg, synthetic, tuned)
+
+
+def trained_outcome(work: Work, head: Any, out: dict[str, Any], inputs: Any, cfg: Any,
+                    synthetic: str | None, extra: dict[str, Any]) -> Outcome:
+    """Store a trained head's weights; its attributes (the training log, the selected epoch, the
+    classes, `extra`) and the command's summary of it."""
+    from ..pipeline.weights import save_tensors
+
     save_tensors(work.group, "weights", head.state_dict())
     last = out["log"][-1] if out["log"] else {}
-    summary = {"synthetic": job.inputs.get("synthetic") or
-               ("fresh" if "generator" in job.inputs else None), "epochs": cfg.epochs,
-               "selected_epoch": out["selected_epoch"],
-               "final_loss": round(float(last.get("loss", float("nan"))), 6), **tuned}
+    summary = {"synthetic": synthetic, "epochs": cfg.epochs, "selected_epoch": out["selected_epoch"],
+               "final_loss": round(float(last.get("loss", float("nan"))), 6), **extra}
     attrs = {"log": out["log"], "selected_epoch": out["selected_epoch"],
-             "classnames": list(inputs.classnames), **tuned}
+             "classnames": list(inputs.classnames), **extra}
     return Outcome(attrs, summary)
 
 
@@ -136,7 +143,6 @@ def train_sync_head(work: Work, inputs: Any, cfg: Any) -> Outcome:
     from ..pipeline.heads import SyncClipFS
     from ..pipeline.sync_clip import DomainPool, FreshDomain, SyncWeights, train_sync
     from ..pipeline.synthesis import Synthesizer
-    from ..pipeline.weights import save_tensors
 
     job, env, store = work.job, work.env, work.store
     device = env.clip.device
@@ -163,15 +169,11 @@ def train_sync_head(work: Work, inputs: Any, cfg: Any) -> Outcome:
     assert isinstance(head, SyncClipFS)
     out = train_sync(head, inputs.train, domain, inputs.new, cfg, SyncWeights(**job.params["sync"]),
                      env.progress)
-    save_tensors(work.group, "weights", head.state_dict())
     last = out["log"][-1] if out["log"] else {}
-    summary = {"synthetic": source, "epochs": cfg.epochs, "selected_epoch": out["selected_epoch"],
-               "final_loss": round(float(last.get("loss", float("nan"))), 6),
-               "final_align": round(float(last.get("align", float("nan"))), 6)}
-    attrs = {"log": out["log"], "selected_epoch": out["selected_epoch"],
-             "classnames": list(inputs.classnames), "design": "shipyard's feature-space variant "
-             "of SYNC-CLIP, not the paper's method"}
-    return Outcome(attrs, summary)
+    outcome = trained_outcome(work, head, out, inputs, cfg, source, {
+        "design": "shipyard's feature-space variant of SYNC-CLIP, not the paper's method"})
+    outcome.summary["final_align"] = round(float(last.get("align", float("nan"))), 6)
+    return outcome
 
 
 def fresh_draws(work: Work, inputs: Any, epoch: int | None = None) -> Any:

@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from shipyard.pipeline.errors import UsageError
 from shipyard.pipeline.sync_clip import (
+    DomainPool,
     SyncWeights,
     align_loss,
+    batch_labels,
     mean_abs_distance,
     syn_loss,
-    synthetic_batch,
     total_loss,
 )
 
@@ -75,24 +76,39 @@ def test_total_loss_weights_the_terms() -> None:
     assert SyncWeights() == SyncWeights(weight=0.4, kl_weight=0.1)  # SYNC-CLIP's defaults
 
 
+def _pool(labels: list[int]) -> DomainPool:
+    """A pool whose row r holds the unit vector e_r (and norm r + 1): drawn rows can be read back."""
+    n = len(labels)
+    return DomainPool(torch.eye(n), torch.arange(1.0, n + 1), torch.tensor(labels))
+
+
+def _draw(pool: DomainPool, real: torch.Tensor, new: torch.Tensor, seed: int) -> torch.Tensor:
+    """The pool rows of one step's synthetic batch, as `train_sync` draws it."""
+    rng = torch.Generator().manual_seed(seed)
+    unit, norms = pool.draw(batch_labels(real, new, rng), rng)
+    rows = unit.argmax(dim=1)
+    assert torch.equal(norms, rows.float() + 1)  # each row's own norm travels with it
+    return rows
+
+
 def test_the_synthetic_batch_pairs_each_real_label_then_draws_new_classes() -> None:
-    pool = torch.tensor([0, 0, 1, 2, 2, 3])
+    pool = _pool([0, 0, 1, 2, 2, 3])
     real = torch.tensor([1, 0, 1])
     new = torch.tensor([2, 3])
     seen_rows, seen_new = set(), set()
     for seed in range(30):
-        idx = synthetic_batch(real, pool, new, torch.Generator().manual_seed(seed))
+        idx = _draw(pool, real, new, seed)
         assert idx.shape == (6,)
-        assert pool[idx[:3]].tolist() == [1, 0, 1]
-        assert set(pool[idx[3:]].tolist()) <= {2, 3}
+        assert pool.labels[idx[:3]].tolist() == [1, 0, 1]
+        assert set(pool.labels[idx[3:]].tolist()) <= {2, 3}
         seen_rows.add(int(idx[1]))
-        seen_new.update(pool[idx[3:]].tolist())
+        seen_new.update(pool.labels[idx[3:]].tolist())
     assert seen_rows == {0, 1} and seen_new == {2, 3}  # uniform among rows, and among new classes
-    again = synthetic_batch(real, pool, new, torch.Generator().manual_seed(7))
-    assert torch.equal(again, synthetic_batch(real, pool, new, torch.Generator().manual_seed(7)))
+    assert torch.equal(_draw(pool, real, new, 7), _draw(pool, real, new, 7))
 
 
 def test_a_class_missing_from_the_synthetic_domain_is_one_clear_error() -> None:
     with pytest.raises(UsageError, match=r"no image of class id\(s\) 1"):
-        synthetic_batch(torch.tensor([1]), torch.tensor([0, 2]), torch.tensor([2]),
-                        torch.Generator().manual_seed(0))
+        _draw(_pool([0, 2]), torch.tensor([1]), torch.tensor([2]), 0)
+    with pytest.raises(UsageError, match="at least one new class"):
+        batch_labels(torch.tensor([0]), torch.tensor([], dtype=torch.long), torch.Generator())
