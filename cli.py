@@ -324,8 +324,12 @@ def build_cache(
     ctx: typer.Context,
     synthetic: SyntheticOpt = "none",
     index: Annotated[IndexKind | None, typer.Option(help=(
-        "flat (exact) or an approximate top-k index. Default: heads.cache_index."))] = None,
-    topk: Annotated[int | None, typer.Option(min=1, help="Neighbours (approximate modes).")] = None,
+        "flat (exact), an approximate top-k index, or classes (exact sums over candidate "
+        "classes). Default: heads.cache_index."))] = None,
+    topk: Annotated[int | None, typer.Option(min=1, help="Neighbours (ivf, hnsw).")] = None,
+    candidates: Annotated[int | None, typer.Option(min=1, help=(
+        "Candidate classes of the classes index. Default: heads.cache_candidates, else raised "
+        "until val agreement reaches heads.cache_agreement."))] = None,
     dataset: DatasetOpt = None,
     seed: SeedOpt = None,
     force: ForceOpt = False,
@@ -335,7 +339,7 @@ def build_cache(
     methods, explicit = _with_synthetic("tip-adapter", synthetic)
     _stage(ctx.obj, "build-cache", as_json,
            _request(dataset, seed, methods, synthetic=explicit, index=str(index) if index else None,
-                    topk=topk),
+                    topk=topk, candidates=candidates),
            force=force)
 
 

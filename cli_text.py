@@ -54,6 +54,9 @@ def cache_text(s: Summary) -> str:
     for r in s["caches"]:
         agree = r.get("agreement")
         extra = f", top-1 agreement with exact {agree['top1_agreement']:.3f}" if agree else ""
+        if agree and "candidates" in agree:
+            extra = (f", T = {agree['candidates']} candidate classes{extra} on {agree['sample']} "
+                     f"queries ({agree['val']} val)")
         lines.append(f"  {r['dataset']} seed {r['seed']} {r['method']}: {r['status']}, "
                      f"{r['keys']} keys, alpha {r['alpha']:.2f}, beta {r['beta']:.2f}{extra}; "
                      f"cache {r['cache'][:12]}")
@@ -67,6 +70,7 @@ def evaluate_text(s: Summary) -> str:
                      f"  {d['name']}: the report could not be written: {d.get('report_error')} "
                      "(the results below are stored)")
         lines += [f"  warning: {d['name']}: {w}" for w in d.get("warnings", [])]
+        lines += [f"  cache: {n}" for n in d.get("cache_notes", [])]
         if d.get("selection"):
             lines.append(f"  selected: {d['selection']}")
         if d.get("transfer_from"):  # cross-dataset: heads trained on another dataset
@@ -93,6 +97,10 @@ def status_text(s: Summary) -> str:
         state = "up to date" if not d["stale"] else f"{len(d['stale'])} jobs stale"
         lines.append(f"  {d['name']}: {d['records']} records, {d['unusable']} unusable: {state}")
         lines += [f"    {line}" for line in d["stale"]]
+        lines += [f"    {c['id']}: {c['index']} index, top-1 agreement with dense "
+                  f"{c['agreement']['top1_agreement']:.3f} on {c['agreement']['sample']} queries"
+                  + (f", T = {c['agreement']['candidates']}" if "candidates" in c["agreement"] else "")
+                  for c in d.get("caches", [])]
     lines += [f"  {b['name']}: cannot be planned: {b['error']}" for b in s["broken"]]
     return "\n".join(lines)
 

@@ -1,9 +1,13 @@
-"""Queries/s of Tip-Adapter's cache logits: dense torch, FAISS exact (flat, every key) and FAISS
-approximate (top-k over flat / ivf / hnsw), with index build times and each top-k mode's top-1
-agreement with the exact result, on clustered synthetic unit features (class centres + noise).
+"""Queries/s of Tip-Adapter's cache logits: dense torch, FAISS exact (flat, every key), FAISS
+approximate (top-k over flat / ivf / hnsw) and the classes index (per-class centroids pick T
+candidate classes, scored exactly; T raised on separate val queries until their agreement reaches
+0.999), with build seconds, index memory and the top-1 agreement with dense on every timed query.
+
+Two key distributions: `easy` (class centres + isotropic noise) and `hard` (classes in
+fine-grained groups of 10 near one group centre, three modes per class, anisotropic noise).
 
     python bench/cache.py                                  # 16k, 160k, 1.6M keys, D 512, C 1000
-    python bench/cache.py --sizes 16000,160000 --queries 2048 --kinds ivf,hnsw --topk 32
+    python bench/cache.py --sizes 16000,160000 --queries 2048 --kinds ivf,classes --dists hard
 """
 
 from __future__ import annotations
@@ -28,22 +32,49 @@ from shipyard.pipeline.cache_index import (  # noqa: E402
     default_nlist,
     top1_agreement,
 )
-from shipyard.pipeline.tip import tip_logits  # noqa: E402
+from shipyard.pipeline.class_index import ClassIndex, tune_candidates  # noqa: E402
+from shipyard.pipeline.tip import tip_logits_blocked  # noqa: E402
+
+VAL_QUERIES = 512  # queries the classes index tunes T on, drawn apart from the timed ones
 
 
-def unit_rows(centres: torch.Tensor, shared: torch.Tensor, labels: np.ndarray, noise: float,
-              seed: int) -> np.ndarray:
-    """normalize(shared + centre[label] + noise g / sqrt(D)), g ~ N(0, I), in chunks: (N, D) float32.
-    Like CLIP image features, all rows share a direction: with a unit shared vector and noise 1, two
-    features of a class have cosine ~0.67, of different classes ~0.33."""
-    n, d = len(labels), centres.shape[1]
-    out = np.empty((n, d), dtype=np.float32)
-    g = torch.Generator().manual_seed(seed)
-    for start in range(0, n, 1 << 16):
-        lab = torch.from_numpy(labels[start:start + (1 << 16)])
-        x = shared + centres[lab] + noise * torch.randn(len(lab), d, generator=g) / d ** 0.5
-        out[start:start + len(lab)] = torch.nn.functional.normalize(x, dim=1).numpy()
-    return out
+class Classes:
+    """One distribution's class structure: where the features of each class lie."""
+
+    def __init__(self, dist: str, c: int, d: int, args: argparse.Namespace) -> None:
+        g = torch.Generator().manual_seed(args.seed)
+        unit = partial(torch.nn.functional.normalize, dim=-1)
+        self.shared = args.shared * unit(torch.randn(d, generator=g))
+        if dist == "easy":
+            self.centres = unit(torch.randn(c, d, generator=g))
+            self.modes = self.centres[:, None]  # (C, 1, D)
+            self.scale = torch.ones(d)
+        else:  # fine-grained groups of 10, three modes per class, anisotropic noise
+            groups = unit(torch.randn(-(-c // 10), d, generator=g))
+            own = 0.6 * unit(torch.randn(c, d, generator=g))  # a class's offset from its group
+            self.centres = unit(groups.repeat_interleave(10, 0)[:c] + own)
+            self.modes = unit(self.centres[:, None] + 0.5 * unit(torch.randn(c, 3, d, generator=g)))
+            spectrum = 1.0 / torch.sqrt(1.0 + torch.arange(d) / 16.0)  # a few dimensions dominate
+            self.scale = spectrum[torch.randperm(d, generator=g)] * (d / spectrum.square().sum()).sqrt()
+        self.noise = args.noise
+
+    def rows(self, labels: np.ndarray, seed: int, noise: float | None = None,
+             text: bool = False) -> np.ndarray:
+        """normalize(shared + mode + noise * scale * g / sqrt(D)), mode drawn from the label's
+        modes, g ~ N(0, I), in chunks: (N, D) float32; text rows use the class centre and no
+        shared part. With unit shared and centre vectors and noise 1, two easy features of a class
+        have cosine ~0.67, of different classes ~0.33."""
+        n, d = len(labels), self.centres.shape[1]
+        noise = self.noise if noise is None else noise
+        out = np.empty((n, d), dtype=np.float32)
+        g = torch.Generator().manual_seed(seed)
+        for start in range(0, n, 1 << 16):
+            lab = torch.from_numpy(labels[start:start + (1 << 16)])
+            mode = torch.randint(0, self.modes.shape[1], (len(lab),), generator=g)
+            base = self.centres[lab] if text else self.modes[lab, mode] + self.shared
+            x = base + noise * self.scale * torch.randn(len(lab), d, generator=g) / d ** 0.5
+            out[start:start + len(lab)] = torch.nn.functional.normalize(x, dim=1).numpy()
+        return out
 
 
 def timed(fn: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
@@ -55,45 +86,67 @@ def timed(fn: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
     return time.perf_counter() - start, out
 
 
-def bench_size(n: int, n_queries: int, args: argparse.Namespace, rows: list[dict]) -> None:
-    d, c = args.dim, args.classes
-    g = torch.Generator().manual_seed(args.seed)
-    centres = torch.nn.functional.normalize(torch.randn(c, d, generator=g), dim=1)
-    shared = args.shared * torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
-    # text weights: the class centres seen through more noise, so zero-shot is right ~60% of the time
-    text = unit_rows(centres, 0 * shared, np.arange(c), args.text_noise, args.seed + 1)
+def bench_size(dist: str, n: int, n_queries: int, args: argparse.Namespace, rows: list[dict]) -> None:
+    c = args.classes
+    space = Classes(dist, c, args.dim, args)
+    # text weights: the class centres seen through more noise (zero-shot right ~60% on easy)
+    text = space.rows(np.arange(c), args.seed + 1, args.text_noise, text=True)
     labels = (np.arange(n) % c).astype(np.int64)
-    keys = unit_rows(centres, shared, labels, args.noise, args.seed + 2)
-    q_labels = np.random.default_rng(args.seed).integers(0, c, n_queries)
-    queries = unit_rows(centres, shared, q_labels, args.noise, args.seed + 3)
+    keys = space.rows(labels, args.seed + 2)
+    rng = np.random.default_rng(args.seed)
+    q_labels = rng.integers(0, c, n_queries)
+    queries = space.rows(q_labels, args.seed + 3)
+    val = space.rows(rng.integers(0, c, VAL_QUERIES), args.seed + 4)
     zero_shot = float(np.mean((queries @ text.T).argmax(1) == q_labels))  # (Q, D) @ (D, C)
     a, b = args.alpha, args.beta
 
-    def add(method: str, build: float | None, secs: float, logits: np.ndarray, note: str) -> None:
-        rows.append({"keys": n, "method": method, "build": build, "queries": n_queries,
-                     "qps": n_queries / secs, "acc": float(np.mean(logits.argmax(1) == q_labels)),
+    def add(method: str, build: float | None, mem: int, secs: float, logits: np.ndarray,
+            note: str) -> None:
+        rows.append({"dist": dist, "keys": n, "method": method, "build": build, "mem": mem,
+                     "queries": n_queries, "qps": n_queries / secs,
+                     "acc": float(np.mean(logits.argmax(1) == q_labels)),
                      "agree": top1_agreement(logits, dense), "note": note})
 
     keys_t, labels_t, text_t = torch.from_numpy(keys), torch.from_numpy(labels), torch.from_numpy(text)
-    secs, dense = timed(lambda q: tip_logits(torch.from_numpy(q), keys_t, labels_t, text_t, a, b).numpy(),
-                        queries, args.batch)
-    add("dense torch", None, secs, dense, f"all keys; zero-shot accuracy {zero_shot:.3f}")
-    print(f"  {n}: dense done", file=sys.stderr, flush=True)
+    secs, dense = timed(lambda q: tip_logits_blocked(torch.from_numpy(q), keys_t, labels_t, text_t,
+                                                     a, b).numpy(), queries, args.batch)
+    add("dense torch", None, keys.nbytes, secs, dense, f"all keys; zero-shot accuracy {zero_shot:.3f}")
+    print(f"  {dist} {n}: dense done", file=sys.stderr, flush=True)
     for kind in ("flat", *args.kinds):
-        if kind == "hnsw" and n > args.hnsw_max:
-            rows.append({"keys": n, "method": "faiss hnsw top-k",
+        if kind == "classes":
+            bench_classes(keys_t, labels_t, text_t, queries, val, args, add)
+        elif kind == "hnsw" and n > args.hnsw_max:
+            rows.append({"dist": dist, "keys": n, "method": "faiss hnsw top-k",
                          "note": f"skipped: N > --hnsw-max {args.hnsw_max}{hnsw_estimate(rows, n)}"})
-            continue
-        start = time.perf_counter()
-        index = CacheIndex.build(keys, kind, seed=args.seed)
-        build = time.perf_counter() - start
-        for topk, method, note in modes(index, args.topk):
-            secs, logits = timed(partial(cache_logits, index, labels=labels, text_weights=text, alpha=a,
-                                         beta=b, topk=topk), queries, args.batch)
-            add(method, build, secs, logits, note)
-        print(f"  {n}: {kind} done", file=sys.stderr, flush=True)
-        del index
+        else:
+            start = time.perf_counter()
+            index = CacheIndex.build(keys, kind, seed=args.seed)
+            build, mem = time.perf_counter() - start, len(index.to_bytes())
+            for topk, method, note in modes(index, args.topk):
+                secs, logits = timed(partial(cache_logits, index, labels=labels, text_weights=text,
+                                             alpha=a, beta=b, topk=topk), queries, args.batch)
+                add(method, build, mem, secs, logits, note)
+            del index
+        print(f"  {dist} {n}: {kind} done", file=sys.stderr, flush=True)
         gc.collect()
+
+
+def bench_classes(keys: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, queries: np.ndarray,
+                  val: np.ndarray, args: argparse.Namespace, add: Callable[..., None]) -> None:
+    """The classes index: built, T tuned on the val queries (counted in the build), then timed."""
+    start = time.perf_counter()
+    index = ClassIndex.build(keys, labels, args.classes, seed=args.seed)
+    grouping = time.perf_counter() - start
+    tuned = tune_candidates(index, torch.from_numpy(val), text, args.alpha, args.beta, {"all": None})
+    build = time.perf_counter() - start
+    t = tuned["candidates"]
+    mem = sum(x.numel() * x.element_size() for x in (index.keys, index.offsets, index.centroids,
+                                                    index.counts, index.owner))
+    secs, logits = timed(lambda q: index.logits(torch.from_numpy(q), text, args.alpha, args.beta,
+                                                t).numpy(), queries, args.batch)
+    add("classes", build, mem, secs, logits,
+        f"T={t} (val agreement {tuned['agreement']['all']:.4f}), {len(index.centroids)} centroids, "
+        f"grouping {grouping:.1f} s")
 
 
 def hnsw_estimate(rows: list[dict], n: int) -> str:
@@ -120,19 +173,20 @@ def modes(index: CacheIndex, topk: int) -> list[tuple[int | None, str, str]]:
 
 
 def print_table(rows: list[dict]) -> None:
-    dense = {r["keys"]: r["qps"] for r in rows if r["method"] == "dense torch"}
-    head = (f"{'keys':>9}  {'method':<18} {'build s':>8} {'queries':>7} {'q/s':>9} {'vs dense':>8} "
-            f"{'accuracy':>8} {'top-1 agree':>11}  notes")
+    dense = {(r["dist"], r["keys"]): r["qps"] for r in rows if r["method"] == "dense torch"}
+    head = (f"{'dist':<4} {'keys':>9}  {'method':<18} {'build s':>8} {'MB':>7} {'queries':>7} "
+            f"{'q/s':>9} {'vs dense':>8} {'accuracy':>8} {'top-1 agree':>11}  notes")
     print(head)
     print("-" * len(head))
     for r in rows:
+        lead = f"{r['dist']:<4} {r['keys']:>9}  {r['method']:<18}"
         if "qps" not in r:
-            print(f"{r['keys']:>9}  {r['method']:<18} {'-':>8} {'-':>7} {'-':>9} {'-':>8} {'-':>8} "
-                  f"{'-':>11}  {r['note']}")
+            print(f"{lead} {'-':>8} {'-':>7} {'-':>7} {'-':>9} {'-':>8} {'-':>8} {'-':>11}  {r['note']}")
             continue
         build = "-" if r["build"] is None else f"{r['build']:.2f}"
-        print(f"{r['keys']:>9}  {r['method']:<18} {build:>8} {r['queries']:>7} {r['qps']:>9.1f} "
-              f"{r['qps'] / dense[r['keys']]:>7.2f}x {r['acc']:>8.3f} {r['agree']:>11.4f}  {r['note']}")
+        ratio = r["qps"] / dense[r["dist"], r["keys"]]
+        print(f"{lead} {build:>8} {r['mem'] / 1e6:>7.1f} {r['queries']:>7} {r['qps']:>9.1f} "
+              f"{ratio:>7.2f}x {r['acc']:>8.3f} {r['agree']:>11.4f}  {r['note']}")
 
 
 def main() -> None:
@@ -140,9 +194,11 @@ def main() -> None:
     p.add_argument("--sizes", default="16000,160000,1600000", help="cache sizes N, comma-separated")
     p.add_argument("--queries", default="2048,1024,256",
                    help="queries per size (one number for all sizes, or one per size)")
-    p.add_argument("--kinds", default="ivf,hnsw", help="approximate index kinds, comma-separated")
+    p.add_argument("--kinds", default="ivf,hnsw,classes",
+                   help="index kinds besides dense and flat, comma-separated")
+    p.add_argument("--dists", default="easy,hard", help="key distributions, comma-separated")
     p.add_argument("--topk", type=int, default=16, help="neighbours of the top-k modes")
-    p.add_argument("--batch", type=int, default=256, help="queries per call")
+    p.add_argument("--batch", type=int, default=1024, help="queries per call (evaluate's batch)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--noise", type=float, default=1.0, help="feature noise around the class centre")
@@ -164,9 +220,12 @@ def main() -> None:
           f"torch threads={torch.get_num_threads()}; agreement = top-1 vs dense on the timed queries")
     rows: list[dict] = []
     started = time.perf_counter()
-    for n, q in zip(sizes, queries, strict=True):
-        bench_size(n, q, args, rows)
-        gc.collect()
+    for dist in args.dists.split(","):
+        if dist not in ("easy", "hard"):
+            p.error(f"unknown distribution {dist!r} (known: easy, hard)")
+        for n, q in zip(sizes, queries, strict=True):
+            bench_size(dist, n, q, args, rows)
+            gc.collect()
     print_table(rows)
     print(f"total {time.perf_counter() - started:.0f} s")
 

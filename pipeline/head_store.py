@@ -14,6 +14,7 @@ from torch import nn
 
 from .artifacts import ADAPTER, CACHE, SYNTHETIC, Kind, Ref, record_of
 from .cache_index import CacheIndex, cache_logits
+from .class_index import ClassIndex
 from .configs import HeadConfig
 from .errors import UsageError
 from .head_inputs import HeadInputs
@@ -129,24 +130,33 @@ def load_adapter(store: FeatureStore, key: str, clip: ClipModel, extractor: str,
 
 
 class CachedTip(nn.Module):
-    """Training-free Tip-Adapter answering through a stored FAISS cache."""
+    """Training-free Tip-Adapter answering through a stored cache: a FAISS index, or the classes
+    index with its candidate count (whose candidates are picked within the scored classes)."""
 
-    def __init__(self, index: CacheIndex, labels: np.ndarray, text: torch.Tensor, alpha: float,
-                 beta: float, topk: int | None) -> None:
+    def __init__(self, index: CacheIndex | ClassIndex, labels: np.ndarray, text: torch.Tensor,
+                 alpha: float, beta: float, topk: int | None, candidates: int | None = None) -> None:
         super().__init__()
         self.index, self.labels, self.text = index, labels, text
-        self.alpha, self.beta, self.topk = alpha, beta, topk
+        self.alpha, self.beta, self.topk, self.candidates = alpha, beta, topk, candidates
+        self.index_note: dict | None = None  # an approximate cache's stored agreement with dense
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        out = cache_logits(self.index, f.cpu().numpy(), self.labels, self.text.cpu().numpy(),
-                           self.alpha, self.beta, topk=self.topk)
-        return torch.as_tensor(out).to(f.device)
+        return self.scoped(f, None)
+
+    def scoped(self, f: torch.Tensor, classes: list[int] | None) -> torch.Tensor:
+        """Logits (B, C) whose argmax over `classes` (all when None) is the cache's answer there."""
+        if isinstance(self.index, ClassIndex):
+            assert self.candidates is not None
+            return self.index.logits(f, self.text, self.alpha, self.beta, self.candidates, classes)
+        return cache_logits(self.index, f, self.labels, self.text, self.alpha, self.beta,
+                            topk=self.topk)
 
 
 def load_cache(store: FeatureStore, key: str, extractor: str, inputs: HeadInputs) -> CachedTip:
     """A stored Tip-Adapter cache. Its index is rebuilt from the stored keys: a shared store is
     untrusted input, and FAISS trusts the sizes inside serialized bytes (a crafted one makes it
-    allocate gigabytes), so the stored `index` bytes are never deserialized here."""
+    allocate gigabytes), so the stored `index` bytes are never deserialized here. A classes
+    index is read from plain arrays, checked against its keys."""
     group = stored_head(store, CACHE, key, extractor, inputs)
     attrs, params = attrs_of(group), record_of(group)["params"]
     keys = read_sealed(child_array(group, "keys")).astype(np.float32)
@@ -156,6 +166,33 @@ def load_cache(store: FeatureStore, key: str, extractor: str, inputs: HeadInputs
             (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes):
         raise UsageError(f"cache {key[:12]}: {len(labels)} labels for keys of shape {keys.shape}, "
                          f"or labels outside its {classes} classes; run `shipyard store verify`")
-    index = CacheIndex.build(keys, params["index"])
-    return CachedTip(index, labels, inputs.text, float(attrs["alpha"]), float(attrs["beta"]),
-                     params["topk"])
+    alpha, beta = float(attrs["alpha"]), float(attrs["beta"])
+    if params["index"] != "classes":
+        tip = CachedTip(CacheIndex.build(keys, params["index"]), labels, inputs.text, alpha, beta,
+                        params["topk"])
+    else:
+        index = _class_index(group, key, keys, labels, classes).to(inputs.text.device)
+        candidates = attrs.get("candidates")
+        if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
+            raise UsageError(f"cache {key[:12]}: candidate count {candidates!r} is not a positive "
+                             f"integer; run `shipyard store verify`")
+        tip = CachedTip(index, labels, inputs.text, alpha, beta, None, candidates)
+    if attrs.get("agreement"):
+        tip.index_note = {"kind": params["index"], **attrs["agreement"]}
+    return tip
+
+
+def _class_index(group: zarr.Group, key: str, keys: np.ndarray, labels: np.ndarray,
+                 classes: int) -> ClassIndex:
+    parts = {name: torch.from_numpy(np.asarray(read_sealed(child_array(group, name))))
+             for name in ("offsets", "centroids", "counts", "owner")}
+    try:
+        index = ClassIndex(torch.from_numpy(keys), parts["offsets"].long(),
+                           parts["centroids"].float(), parts["counts"].float(),
+                           parts["owner"].long())
+    except UsageError as exc:
+        raise UsageError(f"cache {key[:12]}: {exc}; run `shipyard store verify`") from None
+    if index.n_classes != classes or not np.array_equal(index.labels().numpy(), labels):
+        raise UsageError(f"cache {key[:12]}: its class offsets do not match its {classes} classes "
+                         f"and grouped labels; run `shipyard store verify`")
+    return index

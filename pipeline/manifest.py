@@ -290,8 +290,14 @@ class HeadsSpec(Spec):
     tip_scale: TipScale | None = Field(
         None, description="[S_beta, S_alpha] of Tip-Adapter's alpha/beta grid on val, for every "
                           "dataset; null: each dataset's preset ([7, 3] without one)")
-    cache_index: str = Field("flat", description="flat (exact) | ivf | hnsw (approximate)")
-    cache_topk: Count | None = Field(None, description="neighbours of the approximate indexes")
+    cache_index: str = Field("flat", description="flat (exact) | ivf | hnsw (approximate top-k) | "
+                                                 "classes (exact sums over T candidate classes)")
+    cache_topk: Count | None = Field(None, description="neighbours of the ivf and hnsw indexes")
+    cache_candidates: Count | None = Field(
+        None, description="candidate classes T of the classes index; null: the smallest power of "
+                          "two whose top-1 agreement with dense on val reaches cache_agreement")
+    cache_agreement: float = Field(0.999, gt=0.0, le=1.0, description=(
+        "top-1 agreement with dense on val that the classes index's automatic T must reach"))
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-method training settings over the defaults")
 

@@ -76,6 +76,30 @@ def method_notes(methods: Any) -> list[str]:
     return []
 
 
+def index_notes(table: list[dict[str, Any]]) -> list[str]:
+    """What an approximate Tip-Adapter cache in a results table says about itself: its index and
+    its stored top-1 agreement with the dense result (the lowest over the table's seeds)."""
+    out = []
+    for row in table:
+        i = row.get("index")
+        if not i:
+            continue
+        if i["kind"] == "classes":
+            sides = ", ".join(f"{k} {v:.3f}" for k, v in i["scopes"].items())
+            how = (f"T = {i['candidates']} candidate classes; top-1 agreement with dense "
+                   f"{i['top1_agreement']:.3f} ({sides}) on {_tuning_queries(i)}")
+        else:
+            how = (f"top-{i['topk']} neighbours; top-1 agreement with dense "
+                   f"{i['top1_agreement']:.3f} on {i['sample']} test queries")
+        out.append(f"{row['method']}: {i['kind']} cache index, {how}")
+    return out
+
+
+def _tuning_queries(agreement: dict[str, Any]) -> str:
+    n, val = agreement["sample"], agreement["val"]
+    return f"{n} val queries" if n == val else f"{n} queries ({val} val, {n - val} cache keys)"
+
+
 def sync_weights(spec: DatasetSpec) -> dict[str, float]:
     """SYNC-CLIP's loss weights on this dataset (its preset): WEIGHT for L_syn, KLWEIGHT for
     L_align."""

@@ -12,7 +12,7 @@ from typing import Any
 from ..pipeline.artifacts import ADAPTER, GENERATOR, REPORT, RUN, Ref
 from ..pipeline.datasets import protocol_warnings
 from ..pipeline.identity import model_notes
-from ..pipeline.recipes import describe_selections, method_notes, tip_init
+from ..pipeline.recipes import describe_selections, index_notes, method_notes, tip_init
 from ..pipeline.registry import split_method, tunes_on_val
 from ..pipeline.report import report_key
 from ..pipeline.store import FeatureStore
@@ -62,6 +62,7 @@ def compute(work: Work) -> Outcome:
     seeds = record["params"]["seeds"]
     ds = store.dataset(job.dataset)
     notes = [*model_notes(env.manifest.model), *method_notes(record["inputs"]["heads"]),
+             *index_notes(table),
              *protocol_warnings(ds.base_labels, ds.new_labels, int(ds.attrs["splits"]["val"]),
                                 tunes_on_val(record["inputs"]["heads"]),
                                 tip_init(env.manifest, env.manifest.dataset(job.dataset)))]

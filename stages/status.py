@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..pipeline.artifacts import Slots
+from ..pipeline.artifacts import CACHE, Ref, Slots
 from ..pipeline.manifest import Manifest
 from ..pipeline.progress import Progress
 from . import extract
-from .base import Environment
+from .base import Environment, Job
 from .commands import job_state, open_existing
 from .runner import Request, build_plan
 from .summaries import Summary
@@ -41,8 +41,24 @@ def status(manifest: Manifest, request: Request, *, device: str = "auto",
             entry["stale"] = [f"{s['id']}: {'; '.join(s['reasons'])}" for s in states
                               if s["state"] == "stale"]
             entry["jobs"] = states
+            entry["caches"] = _cache_agreements(store, jobs, states) if store else []
             out["stale"] += [s["id"] for s in states if s["state"] == "stale"]
             out["datasets"].append(entry)
         out["broken"] = [{"name": n, "error": e} for n, e in plan.broken.items()]
     out["up_to_date"] = store is not None and not out["stale"] and not out["broken"]
+    return out
+
+
+def _cache_agreements(store: Any, jobs: list[Job], states: list[dict[str, Any]]) -> list[dict]:
+    """The stored top-1 agreement with dense of every current approximate cache."""
+    from ..pipeline.zarr_nodes import attrs_of
+
+    out = []
+    for job, state in zip(jobs, states, strict=True):
+        if job.stage != "build-cache" or state["state"] != "up to date":
+            continue
+        group = store.lookup(Ref.of(CACHE, job.key))
+        agreement = attrs_of(group).get("agreement") if group is not None else None
+        if agreement:
+            out.append({"id": job.id, "index": job.params["index"], "agreement": agreement})
     return out

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..pipeline.datasets import protocol_warnings
 from ..pipeline.identity import model_notes
-from ..pipeline.recipes import describe_selections, method_notes, tip_init
+from ..pipeline.recipes import describe_selections, index_notes, method_notes, tip_init
 from ..pipeline.registry import tunes_on_val
 from .base import Environment
 from .runner import Plan, Result
@@ -113,7 +113,7 @@ def evaluate_summary(results: list[Result], plan: Plan, env: Environment) -> Sum
                          "table": table, "report": reports.get(r.job.dataset),
                          "selection": describe_selections(r.job.params.get("selections", {})),
                          "transfer_from": r.job.params.get("transfer_from"),
-                         "warnings": warnings,
+                         "warnings": warnings, "cache_notes": index_notes(table),
                          **({"report_error": failed[r.job.dataset]} if r.job.dataset in failed
                             else {}),
                          "seconds": round(r.seconds, 3)})

@@ -132,7 +132,7 @@ def test_verify_detects_duplicate_keys(manifest_path: Path, tmp_path: Path) -> N
     (lambda d: d["heads"].update(overrides={"coop": {"epochs": "ten"}}),
      "heads.overrides: coop.epochs: expected int, got 'ten'"),
     (lambda d: d["heads"].update(cache_index="lsh"),
-     "heads.cache_index: unknown value 'lsh' (expected one of: flat, ivf, hnsw)"),
+     "heads.cache_index: unknown value 'lsh' (expected one of: flat, ivf, hnsw, classes)"),
     (lambda d: d["datasets"][0].pop("split_file"),
      "datasets[0].split_file: missing required field (format coop reads one)"),
     (lambda d: d["datasets"].append(dict(d["datasets"][0])),

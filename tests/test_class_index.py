@@ -1,0 +1,226 @@
+"""The classes cache index against the dense Tip-Adapter formula: exact when T covers every class,
+the winning logit always exact, centroid estimates that never exceed the true sums, candidates
+picked inside the scored classes, and a tuned T that is the smallest reaching its target."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from shipyard.pipeline import class_index
+from shipyard.pipeline.class_index import (
+    ClassIndex,
+    class_kmeans,
+    scoped_agreement,
+    subcentroid_count,
+    tune_candidates,
+    tuning_queries,
+)
+from shipyard.pipeline.errors import UsageError
+from shipyard.pipeline.tip import tip_logits
+
+D, C = 32, 12
+ALPHA, BETA = 1.3, 5.5
+
+
+def mixture(n: int, seed: int, modes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit features of C classes with several modes each (so classes have several sub-clusters),
+    labels in a shuffled order: (n, D), (n,)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(C, modes, D, generator=torch.Generator().manual_seed(0)), dim=-1)
+    labels = torch.randint(0, C, (n,), generator=g)
+    mode = torch.randint(0, modes, (n,), generator=g)
+    return F.normalize(centres[labels, mode] + 0.6 * torch.randn(n, D, generator=g), dim=-1), labels
+
+
+@pytest.fixture(scope="module")
+def cache() -> dict[str, torch.Tensor]:
+    keys, labels = mixture(1500, seed=1)
+    queries, _ = mixture(200, seed=2)
+    text = F.normalize(torch.randn(C, D, generator=torch.Generator().manual_seed(3)), dim=-1)
+    return {"keys": keys, "labels": labels, "queries": queries, "text": text,
+            "dense": tip_logits(queries, keys, labels, text, ALPHA, BETA)}
+
+
+@pytest.fixture(scope="module")
+def index(cache: dict[str, torch.Tensor]) -> ClassIndex:
+    return ClassIndex.build(cache["keys"], cache["labels"], C)
+
+
+def class_sums(q: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The exact per-class sums of exp(-beta (1 - q k)) by a loop over classes: (B, C)."""
+    return torch.stack([torch.exp(-BETA * (1 - q @ keys[labels == c].T)).sum(1) for c in range(C)], 1)
+
+
+def test_keys_are_grouped_by_class_keeping_their_order(cache: dict[str, torch.Tensor],
+                                                       index: ClassIndex) -> None:
+    for c in range(C):
+        mine = index.keys[int(index.offsets[c]):int(index.offsets[c + 1])]
+        torch.testing.assert_close(mine, cache["keys"][cache["labels"] == c], rtol=0, atol=0)
+    assert torch.equal(index.labels(), torch.sort(cache["labels"]).values)
+
+
+def test_every_class_is_split_into_subclusters_whose_sizes_add_up(index: ClassIndex,
+                                                                   cache: dict[str, torch.Tensor]) -> None:
+    sizes = torch.bincount(cache["labels"], minlength=C)
+    for c in range(C):
+        mine = index.owner == c
+        assert int(mine.sum()) == subcentroid_count(int(sizes[c]))
+        assert float(index.counts[mine].sum()) == int(sizes[c])
+
+
+def test_subcentroids_grow_with_the_class_size_up_to_the_cap() -> None:
+    per = class_index.KEYS_PER_SUBCENTROID
+    assert [subcentroid_count(n) for n in (1, per - 1, per, 2 * per, 3 * per, 100 * per)] == \
+        [1, 1, 1, 2, 3, class_index.SUBCENTROIDS]
+    assert subcentroid_count(100 * per, most=2) == 2
+
+
+def test_class_kmeans_means_are_the_raw_means_of_their_members() -> None:
+    keys, _ = mixture(300, seed=5)
+    means, sizes = class_kmeans(keys, 3, seed=0)
+    again, _ = class_kmeans(keys, 3, seed=0)
+    torch.testing.assert_close(means, again, rtol=0, atol=0)  # seeded: the same every time
+    assign = (keys @ F.normalize(means, dim=1).T).argmax(1)
+    # At convergence each key's nearest normalised mean is its own cluster's, and each mean the
+    # raw average of its keys (not renormalised: the Jensen bound needs the plain mean).
+    for j in range(len(means)):
+        torch.testing.assert_close(means[j], keys[assign == j].mean(0), atol=1e-5, rtol=0)
+        assert int(sizes[j]) == int((assign == j).sum())
+    assert float(means.norm(dim=1).max()) < 0.99
+
+
+def test_centroid_estimates_never_exceed_the_exact_class_sums(cache: dict[str, torch.Tensor],
+                                                               index: ClassIndex) -> None:
+    exact = class_sums(cache["queries"], cache["keys"], cache["labels"])
+    bounds = index.bounds(cache["queries"], BETA)
+    assert bool((bounds <= exact * (1 + 1e-5)).all())
+    # Tight where it should be: one sub-cluster per key reproduces the sum exactly.
+    one_each = ClassIndex(index.keys, index.offsets, index.keys, torch.ones(len(index.keys)),
+                          index.labels())
+    torch.testing.assert_close(one_each.bounds(cache["queries"], BETA), exact, rtol=1e-4, atol=1e-4)
+
+
+def test_faiss_nearest_centroids_keep_the_estimate_a_lower_bound(cache: dict[str, torch.Tensor],
+                                                                  index: ClassIndex) -> None:
+    full = index.bounds(cache["queries"], BETA)
+    near = index.bounds(cache["queries"], BETA, faiss_min=0, want=2)
+    assert bool((near <= full * (1 + 1e-5)).all()) and bool((near < full - 1e-6).any())
+    # With every centroid returned, the FAISS path is the full estimate.
+    everything = index.bounds(cache["queries"], BETA, faiss_min=0, want=len(index.centroids))
+    torch.testing.assert_close(everything, full, rtol=1e-5, atol=1e-5)
+
+
+def test_candidates_covering_every_class_give_the_dense_logits(cache: dict[str, torch.Tensor],
+                                                               index: ClassIndex) -> None:
+    got = index.logits(cache["queries"], cache["text"], ALPHA, BETA, C)
+    torch.testing.assert_close(got, cache["dense"], rtol=1e-5, atol=1e-4)
+
+
+def test_with_few_candidates_the_winning_logit_is_exact(cache: dict[str, torch.Tensor],
+                                                        index: ClassIndex) -> None:
+    got = index.logits(cache["queries"], cache["text"], ALPHA, BETA, 2)
+    win = got.argmax(1, keepdim=True)
+    torch.testing.assert_close(got.gather(1, win), cache["dense"].gather(1, win), rtol=1e-5,
+                               atol=1e-4)
+    # The non-candidates carry the clip logit plus their lower bound, below the dense value.
+    assert bool((got <= cache["dense"] + 1e-4).all())
+    assert int((got < cache["dense"] - 1e-3).sum(1).min()) >= C - 2
+
+
+def test_scoped_candidates_are_picked_inside_the_scored_classes(cache: dict[str, torch.Tensor],
+                                                                index: ClassIndex) -> None:
+    side = [1, 4, 7, 10]
+    got = index.logits(cache["queries"], cache["text"], ALPHA, BETA, len(side), side)
+    torch.testing.assert_close(got[:, side], cache["dense"][:, side], rtol=1e-5, atol=1e-4)
+    one = index.logits(cache["queries"], cache["text"], ALPHA, BETA, 1, side)
+    exact_at = (one - cache["dense"]).abs() < 1e-3  # where the single candidate was scored
+    assert bool(exact_at[:, side].any(1).all())
+    others = [c for c in range(C) if c not in side]
+    assert not bool(exact_at[:, others].all(1).any())  # no candidate outside the side
+
+
+def test_exact_sums_in_small_products_equal_one_product(cache: dict[str, torch.Tensor],
+                                                        index: ClassIndex,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    cand = torch.stack([torch.randperm(C, generator=torch.Generator().manual_seed(i))[:5]
+                        for i in range(len(cache["queries"]))])
+    whole = index.exact_sums(cache["queries"], cand, BETA)
+    monkeypatch.setattr(class_index, "MAX_PAIR_ELEMENTS", 200)  # a few queries per product
+    torch.testing.assert_close(index.exact_sums(cache["queries"], cand, BETA), whole)
+    want = class_sums(cache["queries"], cache["keys"], cache["labels"]).gather(1, cand)
+    torch.testing.assert_close(whole, want, rtol=1e-4, atol=1e-4)
+
+
+def test_tuned_candidates_are_the_smallest_power_of_two_reaching_the_target(
+        cache: dict[str, torch.Tensor], index: ClassIndex) -> None:
+    q, text = cache["queries"], cache["text"]
+    scopes = {"all": None, "base": list(range(6)), "new": list(range(6, C))}
+
+    def agreement(t: int) -> float:
+        return min(scoped_agreement(index.logits(q, text, ALPHA, BETA, t, s), cache["dense"], s)
+                   for s in scopes.values())
+
+    curve = {t: agreement(t) for t in (1, 2, 4, 8, C)}
+    target = curve[2] + 1e-9 if curve[2] < 1.0 else 1.0
+    found = tune_candidates(index, q, text, ALPHA, BETA, scopes, target=target)
+    want = next(t for t in (1, 2, 4, 8, C) if curve[t] >= target)
+    assert found["candidates"] == want and want > 1
+    assert found["queries"] == len(q)
+    assert min(found["agreement"].values()) == pytest.approx(curve[want], abs=1e-12)
+    # Starting at every class, the dense answer is reproduced everywhere.
+    at_all = tune_candidates(index, q, text, ALPHA, BETA, scopes, target=1.0, start=C)
+    assert at_all["candidates"] == C
+    assert at_all["agreement"] == {"all": 1.0, "base": 1.0, "new": 1.0}
+
+
+def test_the_stored_agreement_recomputes_from_the_two_argmaxes(cache: dict[str, torch.Tensor],
+                                                               index: ClassIndex) -> None:
+    side = list(range(6))
+    found = tune_candidates(index, cache["queries"], cache["text"], ALPHA, BETA, {"base": side},
+                            target=0.0, start=1)
+    approx = index.logits(cache["queries"], cache["text"], ALPHA, BETA, 1, side)
+    same = sum(int(approx[b, side].argmax()) == int(cache["dense"][b, side].argmax())
+               for b in range(len(approx)))
+    assert found["agreement"]["base"] == same / len(approx)
+    assert found["candidates"] == 1
+
+
+def test_an_empty_side_is_left_out_of_the_tuning(cache: dict[str, torch.Tensor],
+                                                 index: ClassIndex) -> None:
+    found = tune_candidates(index, cache["queries"], cache["text"], ALPHA, BETA,
+                            {"all": None, "new": []}, target=0.0)
+    assert set(found["agreement"]) == {"all"}
+
+
+def test_small_val_sets_are_joined_by_evenly_spaced_keys() -> None:
+    val, keys = torch.zeros(3, 4), torch.arange(40.0)[:, None].repeat(1, 4)
+    q = tuning_queries(val, keys, least=10, most=8)
+    assert q.shape == (8, 4) and bool((q[:3] == 0).all())
+    assert q[3:, 0].tolist() == [0.0, 9.0, 19.0, 29.0, 39.0]  # first to last, evenly
+    assert tuning_queries(torch.ones(12, 4), keys, least=10, most=8).shape == (8, 4)  # val only
+    assert bool((tuning_queries(torch.ones(12, 4), keys, least=10, most=20) == 1).all())
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda p: {**p, "offsets": p["offsets"].flip(0)}, "rising offsets"),
+    (lambda p: {**p, "owner": p["owner"] + C}, "centroids"),
+    (lambda p: {**p, "counts": p["counts"] + 1}, "do not add up"),
+    (lambda p: {**p, "centroids": p["centroids"][:, :-1]}, "centroids"),
+])
+def test_an_inconsistent_index_is_refused(index: ClassIndex, change, message: str) -> None:
+    parts = {"keys": index.keys, "offsets": index.offsets, "centroids": index.centroids,
+             "counts": index.counts, "owner": index.owner}
+    with pytest.raises(UsageError, match=message):
+        ClassIndex(**change(parts))
+
+
+def test_labels_outside_the_classes_are_refused() -> None:
+    with pytest.raises(UsageError, match=r"labels must lie in \[0, 3\)"):
+        ClassIndex.build(torch.eye(4), torch.tensor([0, 1, 2, 3]), 3)
+    with pytest.raises(UsageError, match="non-empty"):
+        ClassIndex.build(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 3)
+    assert math.isfinite(float(ClassIndex.build(torch.eye(4), torch.tensor([0, 0, 2, 2]), 3)
+                               .bounds(torch.eye(4), BETA).sum()))
