@@ -107,9 +107,14 @@ def bench_size(dist: str, n: int, n_queries: int, args: argparse.Namespace, rows
                      "acc": float(np.mean(logits.argmax(1) == q_labels)),
                      "agree": top1_agreement(logits, dense), "note": note})
 
-    keys_t, labels_t, text_t = torch.from_numpy(keys), torch.from_numpy(labels), torch.from_numpy(text)
-    secs, dense = timed(lambda q: tip_logits_blocked(torch.from_numpy(q), keys_t, labels_t, text_t,
-                                                     a, b).numpy(), queries, args.batch)
+    dev = torch.device(args.device)
+    keys_t, labels_t, text_t = (torch.from_numpy(x).to(dev) for x in (keys, labels, text))
+
+    def on(q: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(q).to(dev)
+
+    secs, dense = timed(lambda q: tip_logits_blocked(on(q), keys_t, labels_t, text_t, a, b)
+                        .cpu().numpy(), queries, args.batch)
     add("dense torch", None, keys.nbytes, secs, dense, f"all keys; zero-shot accuracy {zero_shot:.3f}")
     print(f"  {dist} {n}: dense done", file=sys.stderr, flush=True)
     for kind in ("flat", *args.kinds):
@@ -123,8 +128,8 @@ def bench_size(dist: str, n: int, n_queries: int, args: argparse.Namespace, rows
             index = CacheIndex.build(keys, kind, seed=args.seed)
             build, mem = time.perf_counter() - start, len(index.to_bytes())
             for topk, method, note in modes(index, args.topk):
-                secs, logits = timed(partial(cache_logits, index, labels=labels, text_weights=text,
-                                             alpha=a, beta=b, topk=topk), queries, args.batch)
+                secs, logits = timed(lambda q, i=index, k=topk: cache_logits(  # type: ignore[misc]
+                    i, on(q), labels_t, text_t, a, b, topk=k).cpu().numpy(), queries, args.batch)
                 add(method, build, mem, secs, logits, note)
             del index
         print(f"  {dist} {n}: {kind} done", file=sys.stderr, flush=True)
@@ -137,13 +142,15 @@ def bench_classes(keys: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, 
     start = time.perf_counter()
     index = ClassIndex.build(keys, labels, args.classes, seed=args.seed)
     grouping = time.perf_counter() - start
-    tuned = tune_candidates(index, torch.from_numpy(val), text, args.alpha, args.beta, {"all": None})
+    tuned = tune_candidates(index, torch.from_numpy(val).to(keys.device), text, args.alpha,
+                            args.beta, {"all": None})
     build = time.perf_counter() - start
     t = tuned["candidates"]
     mem = sum(x.numel() * x.element_size() for x in (index.keys, index.offsets, index.centroids,
                                                     index.counts, index.owner))
-    secs, logits = timed(lambda q: index.logits(torch.from_numpy(q), text, args.alpha, args.beta,
-                                                t).numpy(), queries, args.batch)
+    secs, logits = timed(lambda q: index.logits(torch.from_numpy(q).to(keys.device), text,
+                                                args.alpha, args.beta, t).cpu().numpy(),
+                         queries, args.batch)
     add("classes", build, mem, secs, logits,
         f"T={t} (val agreement {tuned['agreement']['all']:.4f}), {len(index.centroids)} centroids, "
         f"grouping {grouping:.1f} s")
@@ -209,6 +216,7 @@ def main() -> None:
     p.add_argument("--hnsw-max", type=int, default=200_000,
                    help="skip HNSW above this many keys (its build is slow on few cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (FAISS on the GPU with faiss-gpu)")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     queries = [int(q) for q in args.queries.split(",")]
@@ -216,7 +224,8 @@ def main() -> None:
     if len(queries) != len(sizes):
         p.error("--queries takes one number or one per size")
     args.kinds = [k for k in args.kinds.split(",") if k and k != "flat"]
-    print(f"D={args.dim} C={args.classes} alpha={args.alpha} beta={args.beta} batch={args.batch} "
+    print(f"device {args.device}, D={args.dim} C={args.classes} alpha={args.alpha} beta={args.beta} "
+          f"batch={args.batch} "
           f"torch threads={torch.get_num_threads()}; agreement = top-1 vs dense on the timed queries")
     rows: list[dict] = []
     started = time.perf_counter()

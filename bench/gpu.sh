@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU tier in one prepared script, for a lent GPU machine (a bare one: it installs what it
 # needs from the registries), well under ten minutes there:
-#   1. the tests marked `cuda` (the whole pipeline on CUDA against the CPU, fp16 extraction);
+#   1. the tests marked `cuda` (the whole pipeline on CUDA against the CPU, fp16 extraction, the
+#      Tip-Adapter caches' logits on CUDA against the CPU's);
 #   2. the text-encoder, generator, extraction and cache benchmarks on CUDA, random weights,
 #      absolute times and the same ratios as on the CPU.
 # Without a CUDA device it runs its CPU fallback: the cuda tests are skipped and the benchmarks
@@ -38,11 +39,12 @@ if [ "$DEVICE" = cuda ]; then
     python bench/text_encoder.py --device cuda --models shipyard-tiny ViT-B-16 --large-reps 5
     python bench/generator.py --device cuda --models shipyard-tiny ViT-B-16
     python bench/extract.py --device cuda --model ViT-B-16 --images 512 --batch 128
-    python bench/cache.py --sizes 16000,160000 --queries 2048,1024  # the FAISS tier: CPU for now
+    # dense and the classes index on CUDA tensors, FAISS flat / ivf on the GPU with faiss-gpu
+    python bench/cache.py --device cuda --sizes 16000,160000,1600000 --queries 2048,2048,1024 --kinds ivf,classes
 else
     echo "(no CUDA device: the CPU fallback, small sizes)"
     python bench/text_encoder.py --models shipyard-tiny --reps 2
     python bench/generator.py --models shipyard-tiny --epochs 1
     python bench/extract.py --model shipyard-tiny --images 64 --reps 1
-    python bench/cache.py --sizes 16000 --queries 256 --kinds ivf
+    python bench/cache.py --sizes 16000 --queries 256 --kinds ivf,classes
 fi

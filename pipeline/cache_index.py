@@ -122,6 +122,7 @@ class CacheIndex:
             index = faiss.index_cpu_to_gpu(self._gpu_res, torch.cuda.current_device(), index)
         self._index, self._kind = index, kind
         self._keys: torch.Tensor | None = None  # a flat index's keys, read back once
+        self._device_keys: torch.Tensor | None = None  # and their copy on a GPU, made once
 
     @classmethod
     def build(cls, keys: np.ndarray, kind: str, *, nlist: int | None = None, nprobe: int | None = None,
@@ -193,11 +194,18 @@ class CacheIndex:
             self._keys = torch.from_numpy(self._index.reconstruct_n(0, self.ntotal))
         return self._keys
 
+    def keys_on(self, device: torch.device) -> torch.Tensor:
+        """`keys()` on `device`; a GPU copy is made once and kept, not per query batch."""
+        if device.type == "cpu":
+            return self.keys()
+        if self._device_keys is None or self._device_keys.device != device:
+            self._device_keys = self.keys().to(device)
+        return self._device_keys
+
     def _full_scan(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact search by matmul over the stored keys, for k beyond what the GPU selects."""
-        keys = self.keys()
         device = torch.device("cuda") if self.on_gpu else torch.device("cpu")
-        sims = torch.from_numpy(q).to(device) @ keys.to(device).T  # (B, D) @ (D, N) -> (B, N)
+        sims = torch.from_numpy(q).to(device) @ self.keys_on(device).T  # (B, D) @ (D, N) -> (B, N)
         top, ids = sims.topk(k, dim=1)
         return top.cpu().numpy(), ids.cpu().numpy()
 
@@ -225,7 +233,7 @@ def cache_logits(index: CacheIndex, queries: Any, labels: Any, text_weights: Any
     if index.exact and k == index.ntotal:
         # Every key: the dense formula over the keys read back, in key blocks (each key read once
         # per call). A k = N search sorts every row's N similarities only to scatter them back.
-        keys = index.keys().to(q.device)
+        keys = index.keys_on(q.device)
         logits = tip_logits_blocked(q, keys, key_labels, text, alpha, beta, logit_scale,
                                     max(max_elements, DENSE_MAX_ELEMENTS))
         return logits.cpu().numpy() if as_numpy else logits

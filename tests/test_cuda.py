@@ -70,3 +70,29 @@ def test_fp16_extraction_on_cuda_stays_close_to_fp32(tmp_path: Path, small_demo:
     assert result.exit_code == 0, result.output
     a, b = _features(tmp_path / "fp16.zarr"), _features(tmp_path / "fp32.zarr")
     assert float((a * b).sum(1).min()) > 0.99
+
+
+def test_tip_adapter_caches_on_cuda_give_the_cpu_logits() -> None:
+    """Dense, FAISS flat (on the GPU with faiss-gpu) and the classes index score on CUDA tensors
+    and agree with the CPU: logits within 1e-3, every argmax the same."""
+    from shipyard.pipeline.cache_index import CacheIndex, cache_logits
+    from shipyard.pipeline.class_index import ClassIndex
+    from shipyard.pipeline.tip import tip_logits_blocked
+
+    g = torch.Generator().manual_seed(0)
+    n, c, d = 20_000, 50, 64
+    labels = torch.arange(n) % c
+    centres = torch.nn.functional.normalize(torch.randn(c, d, generator=g), dim=1)
+    keys = torch.nn.functional.normalize(centres[labels] + 0.8 * torch.randn(n, d, generator=g), dim=1)
+    text = torch.nn.functional.normalize(centres + 0.5 * torch.randn(c, d, generator=g), dim=1)
+    q = torch.nn.functional.normalize(centres[labels[:300]] + 0.8 * torch.randn(300, d, generator=g), dim=1)
+    cpu = tip_logits_blocked(q, keys, labels, text, 1.0, 5.0)
+    flat = CacheIndex.build(keys.numpy(), "flat")
+    classes = ClassIndex.build(keys.cuda(), labels.cuda(), c)
+    got = {"dense": tip_logits_blocked(q.cuda(), keys.cuda(), labels.cuda(), text.cuda(), 1.0, 5.0),
+           "flat": cache_logits(flat, q.cuda(), labels.cuda(), text.cuda(), 1.0, 5.0),
+           "classes": classes.logits(q.cuda(), text.cuda(), 1.0, 5.0, c)}
+    for name, logits in got.items():
+        assert logits.device.type == "cuda", name
+        torch.testing.assert_close(logits.cpu(), cpu, atol=1e-3, rtol=1e-4, msg=name)
+        assert torch.equal(logits.argmax(1).cpu(), cpu.argmax(1)), name

@@ -420,3 +420,59 @@ def test_store_info_lists_every_artefact_with_its_provenance(ran: dict[str, Any]
     text = invoke("--store", str(store_path), "store", "info").stdout
     assert f"{adapter['key'][:12]}  {adapter['job']} (incomplete)" in text
     assert "run:demo" in text
+
+
+def test_a_classes_cache_scores_as_dense_and_its_stored_agreement_recomputes(
+        ran: dict[str, Any]) -> None:
+    """`heads.cache_index: classes` on the small demo: evaluate's numbers equal the flat (dense)
+    cache's, and the agreement stored with the cache equals one recomputed from its arrays."""
+    import numpy as np
+    import torch
+    from shipyard.pipeline.class_index import ClassIndex, tuning_queries
+    from shipyard.pipeline.head_inputs import head_inputs
+    from shipyard.pipeline.manifest_files import load_manifest
+    from shipyard.pipeline.tip import tip_logits
+    from shipyard.pipeline.zarr_nodes import child_array, read_sealed
+
+    data = yaml.safe_load(ran["path"].read_text())
+    data["heads"]["cache_index"] = "classes"
+    path = write_manifest(ran["path"].with_name("classes.yaml"), data)
+    result = invoke("--manifest", str(path), "run", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)["stages"]
+    dense = {r["method"]: r for r in ran["out"]["stages"]["evaluate"]["datasets"][0]["table"]}
+    (evaluated,) = out["evaluate"]["datasets"]
+    mine = {r["method"]: r for r in evaluated["table"]}
+    for key in ("base", "new", "h", "gzsl_seen", "gzsl_unseen", "gzsl_h", "accuracy"):
+        assert mine["tip-adapter"][key] == dense["tip-adapter"][key], key
+    (cache,) = out["build-cache"]["caches"]
+    stored = cache["agreement"]
+    assert mine["tip-adapter"]["index"] == {"kind": "classes", **stored}
+    assert evaluated["cache_notes"][0].startswith(
+        f"tip-adapter: classes cache index, T = {stored['candidates']} candidate classes")
+
+    manifest = load_manifest(path)
+    with FeatureStore.open(str(ran["tmp"] / "s.zarr")) as store:
+        group = store.lookup(Ref.of(CACHE, cache["cache"]))
+        arrays = {n: torch.from_numpy(np.asarray(read_sealed(child_array(group, n))))
+                  for n in ("keys", "labels", "offsets", "centroids", "counts", "owner")}
+        inputs = head_inputs(store, store.extractor(store.extractor_fps()[0]),
+                             manifest.dataset("demo"), 1, torch.device("cpu"))
+    index = ClassIndex(arrays["keys"], arrays["offsets"], arrays["centroids"], arrays["counts"],
+                       arrays["owner"])
+    queries = tuning_queries(inputs.val.features, arrays["keys"])
+    exact = tip_logits(queries, arrays["keys"], arrays["labels"], inputs.text, cache["alpha"],
+                       cache["beta"]).numpy()
+    for name, side in {"all": None, "base": inputs.base, "new": inputs.new}.items():
+        approx = index.logits(queries, inputs.text, cache["alpha"], cache["beta"],
+                              stored["candidates"], side).numpy()
+        cols = np.arange(exact.shape[1]) if side is None else np.asarray(side)
+        same = np.mean(approx[:, cols].argmax(1) == exact[:, cols].argmax(1))
+        assert stored["scopes"][name] == pytest.approx(float(same), abs=1e-12), name
+    assert stored["sample"] == len(queries) and stored["val"] == len(inputs.val.features)
+    assert stored["top1_agreement"] == min(stored["scopes"].values()) >= 0.999
+
+    status = json.loads(invoke("--manifest", str(path), "status", "--json").stdout)
+    (listed,) = status["datasets"][0]["caches"]
+    assert listed == {"id": "cache:demo:seed1:tip-adapter", "index": "classes",
+                      "agreement": stored}
