@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from shipyard.pipeline.cache_index import CacheIndex, agreement_report, cache_logits, top1_agreement
+from shipyard.pipeline.cache_index import (
+    CacheIndex,
+    agreement_report,
+    cache_logits,
+    default_nlist,
+    top1_agreement,
+)
 from shipyard.pipeline.errors import UsageError
 from shipyard.pipeline.tip import (
     search_alpha_beta,
@@ -270,3 +276,69 @@ def test_key_blocks_sum_to_the_dense_logits(random_cache: dict[str, torch.Tensor
     got = tip_logits_blocked(q, r["keys"], r["labels"], r["text"], 0.9, 4.0,
                              max_elements=max_elements)
     torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-5)
+
+
+# --- index settings: what build is given is what the index uses ---------------------------------
+
+def test_an_ivf_index_uses_the_nlist_and_nprobe_it_was_given(random_cache: dict) -> None:
+    import faiss
+
+    keys = random_cache["keys"].numpy()
+    index = CacheIndex.build(keys, "ivf", nlist=40, nprobe=7)
+    raw = faiss.extract_index_ivf(index._index)
+    assert (raw.nlist, raw.nprobe) == (40, 7)
+    assert CacheIndex.build(keys, "ivf", nlist=40, nprobe=400)._index.nprobe == 40  # capped at nlist
+    default = CacheIndex.build(keys, "ivf")._index  # N = 2000: min(4 sqrt(N), N / 32) lists
+    assert default.nlist == default_nlist(2000) == min(round(4 * 2000 ** 0.5), 2000 // 32) == 62
+    assert default.nprobe == 62 // 8
+    # The probes matter: more of them, more of the true neighbours found.
+    q = random_cache["queries"].numpy()
+    _, truth = CacheIndex.build(keys, "flat").search(q, 10)
+    recall = {p: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(
+        CacheIndex.build(keys, "ivf", nlist=40, nprobe=p).search(q, 10)[1], truth, strict=True)])
+        for p in (1, 40)}
+    assert recall[40] == 1.0 > recall[1]
+
+
+def test_default_list_count_is_four_root_n_with_enough_keys_per_list() -> None:
+    assert default_nlist(1_000_000) == 4000  # 4 sqrt(N)
+    assert default_nlist(6400) == 200  # N / 32 caps 4 sqrt(N) = 320
+    assert default_nlist(10) == 1  # never below one list
+    assert [default_nlist(n) for n in (32, 64, 31)] == [1, 2, 1]
+
+
+def test_an_hnsw_index_uses_its_degree_and_widens_its_beam_to_k(random_cache: dict) -> None:
+    keys, q = random_cache["keys"].numpy(), random_cache["queries"].numpy()
+    index = CacheIndex.build(keys, "hnsw", hnsw_m=8, ef_search=20)
+    assert index._index.hnsw.efSearch == 20
+    assert index._index.hnsw.nb_neighbors(1) == 8  # level-1 links: M
+    _, truth = CacheIndex.build(keys, "flat").search(q, 200)
+    _, got = index.search(q, 200)  # k = 200 > efSearch: the beam must hold k results
+    recall = np.mean([len(set(a) & set(b)) / 200 for a, b in zip(got, truth, strict=True)])
+    assert recall > 0.95 and bool((got >= 0).all())
+    assert index._index.hnsw.efSearch == 20  # widened for that search only
+
+
+def test_empty_keys_and_queries_of_the_wrong_width_are_refused(random_cache: dict) -> None:
+    keys = random_cache["keys"].numpy()
+    with pytest.raises(UsageError, match=r"non-empty \(N, D\)"):
+        CacheIndex.build(keys[:0], "flat")
+    with pytest.raises(UsageError, match=r"non-empty \(N, D\)"):
+        CacheIndex.build(keys[0], "flat")
+    index = CacheIndex.build(keys, "flat")
+    with pytest.raises(UsageError, match=rf"queries must be \(B, {D}\)"):
+        index.search(keys[:3, :-1], 5)
+    with pytest.raises(UsageError, match="k must lie in"):
+        index.search(keys[:3], len(keys) + 1)
+
+
+def test_affinity_is_the_same_formula_for_numpy_and_torch() -> None:
+    from shipyard.pipeline.tip import affinity
+
+    sims = np.array([1.0, 0.5, 0.0, -1.0], dtype=np.float32)
+    want = np.exp(-3.0 * (1.0 - sims))
+    got = affinity(sims, 3.0)
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(affinity(torch.from_numpy(sims), 3.0).numpy(), want, rtol=1e-6)
+    assert affinity(np.float32(1.0) * np.ones(1), 9.0)[0] == 1.0  # sim 1 gives 1 at any beta

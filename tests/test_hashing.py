@@ -1,0 +1,180 @@
+"""Content keys and the stat cache, the mechanism that makes incremental rebuilds both correct and
+cheap: a file is re-read exactly when its size, mtime or inode changed, each file once per run,
+its digest stored under its own path, and the cache folder found where the docs say."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from shipyard.pipeline import hashing
+from shipyard.pipeline.hashing import StatCache, default_cache_dir, hash_files
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> list[Path]:
+    out = []
+    for i in range(5):
+        p = tmp_path / "images" / f"{i}.bin"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(bytes([i]) * (100 + i))
+        out.append(p)
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> StatCache:
+    c = StatCache(tmp_path / "cache" / "stat.sqlite")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files actually opened and hashed, in order."""
+    seen: list[Path] = []
+    real = hashing.sha256_file
+
+    def counted(path: Path) -> bytes:
+        seen.append(path)
+        return real(path)
+
+    monkeypatch.setattr(hashing, "sha256_file", counted)
+    return seen
+
+
+def digest(p: Path) -> bytes:
+    return hashlib.sha256(p.read_bytes()).digest()
+
+
+def test_a_digest_is_the_sha256_of_the_bytes_read_in_blocks(tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(hashing._READ_BLOCK * 2 + 17))  # three reads
+    assert hashing.sha256_file(big) == hashlib.sha256(big.read_bytes()).digest()
+    assert hashing.sha256_bytes(b"abc") == hashlib.sha256(b"abc").digest()
+
+
+def test_unchanged_files_are_not_read_again(files: list[Path], cache: StatCache,
+                                            reads: list[Path]) -> None:
+    first = hash_files(files, cache)
+    assert first.read == 5 and sorted(reads) == sorted(files)
+    assert first.keys == {p: digest(p) for p in files}
+    reads.clear()
+    second = hash_files(files, cache)
+    assert second.read == 0 and reads == []
+    assert second.keys == first.keys
+
+
+def test_without_a_cache_every_file_is_read_every_time(files: list[Path], reads: list[Path]) -> None:
+    assert hash_files(files, None).read == 5
+    assert hash_files(files, None).read == 5
+    assert len(reads) == 10
+
+
+def test_a_file_edited_in_place_is_rehashed(files: list[Path], cache: StatCache,
+                                            reads: list[Path]) -> None:
+    hash_files(files, cache)
+    p = files[2]
+    st = p.stat()
+    with open(p, "r+b") as f:  # same size, same inode, new bytes
+        f.write(b"\xff")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    reads.clear()
+    again = hash_files(files, cache)
+    assert again.read == 1 and reads == [p]
+    assert again.keys[p] == digest(p) != hashlib.sha256(bytes([2]) * 102).digest()
+
+
+def test_a_file_of_another_size_is_rehashed_even_with_its_old_mtime(
+        files: list[Path], cache: StatCache, reads: list[Path]) -> None:
+    hash_files(files, cache)
+    p = files[1]
+    st = p.stat()
+    p.write_bytes(b"longer than before" * 20)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back: only the size differs
+    reads.clear()
+    assert hash_files(files, cache).keys[p] == digest(p) and reads == [p]
+
+
+def test_a_file_replaced_by_another_inode_is_rehashed(files: list[Path], cache: StatCache,
+                                                      reads: list[Path], tmp_path: Path) -> None:
+    hash_files(files, cache)
+    p = files[0]
+    st = p.stat()
+    other = tmp_path / "new.bin"
+    other.write_bytes(b"\x07" * st.st_size)  # same size
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+    keep = tmp_path / "keep.bin"
+    os.link(p, keep)  # the old inode stays alive, so the new file cannot reuse its number
+    os.replace(other, p)
+    assert p.stat().st_ino != st.st_ino
+    reads.clear()
+    assert hash_files(files, cache).keys[p] == digest(p) and reads == [p]
+
+
+def test_the_cache_stores_each_digest_under_its_own_path(files: list[Path],
+                                                         cache: StatCache) -> None:
+    hash_files(files, cache)
+    for p in files:
+        assert cache.get(str(p), p.stat()) == digest(p)
+    assert cache.get(str(files[0]), files[1].stat()) is None  # another file's size and inode
+
+
+def test_each_file_is_read_once_across_blocks(files: list[Path], cache: StatCache,
+                                              reads: list[Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hashing, "_BLOCK_FILES", 2)  # blocks of 2, 2 and 1
+    result = hash_files(files, cache, workers=2)
+    assert sorted(reads) == sorted(files) and result.read == 5
+    assert result.keys == {p: digest(p) for p in files}
+    assert all(cache.get(str(p), p.stat()) == digest(p) for p in files)
+
+
+def test_an_interrupted_run_keeps_the_blocks_it_finished(files: list[Path], cache: StatCache,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hashing, "_BLOCK_FILES", 2)
+    real, calls = hashing.sha256_file, []
+
+    def dies_on_the_fourth(path: Path) -> bytes:
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(hashing, "sha256_file", dies_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        hash_files(files, cache, workers=1)
+    cached = [p for p in files if cache.get(str(p), p.stat()) is not None]
+    assert cached == files[:2]  # the first block was stored; the second died with its file
+
+
+def test_unreadable_entries_are_reported_per_file_and_the_rest_hashed(
+        files: list[Path], cache: StatCache, tmp_path: Path) -> None:
+    folder = tmp_path / "images" / "a-folder.bin"
+    folder.mkdir()
+    gone = tmp_path / "images" / "gone.bin"
+    result = hash_files([*files, folder, gone], cache)
+    assert result.errors == {folder: "not a regular file", gone: "file not found"}
+    assert set(result.keys) == set(files) and result.read == 5
+
+
+def test_progress_counts_every_file_hit_or_miss(files: list[Path], cache: StatCache) -> None:
+    hash_files(files[:2], cache)
+    ticks: list[int] = []
+    hash_files(files, cache, on_progress=ticks.append)
+    assert ticks == [1] * 5
+
+
+def test_the_cache_folder_follows_shipyard_then_xdg_then_home(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SHIPYARD_CACHE_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "explicit"
+    monkeypatch.setenv("SHIPYARD_CACHE_DIR", "")  # empty counts as unset
+    assert default_cache_dir() == tmp_path / "xdg" / "shipyard"
+    monkeypatch.delenv("SHIPYARD_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "shipyard"
