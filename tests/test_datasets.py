@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -175,3 +176,113 @@ def test_the_records_say_which_sampler_drew_the_subsets(tmp_path: Path, small_de
         assert facts.val[seed] == subset_key(keys[val], labels[val], tuple(attrs["classnames"]))
     # small_demo has 2 val images per class: Dassl's min(K, 4) = 4 takes both, so the seeds agree
     assert (facts.val[1] == facts.val[2]) is True
+
+
+# --- split files and folders that are wrong in one place: one line naming that place -----------
+
+def _coop(tmp_path: Path, text: str) -> DatasetSpec:
+    split = tmp_path / "split.json"
+    split.write_text(text, encoding="utf-8")
+    return DatasetSpec(name="c", format=DatasetFormat.COOP, root=tmp_path, split_file=split)
+
+
+GOOD = '["a.png", 0, "x"], ["b.png", 1, "y"]'
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"train": [' + GOOD + ']}', "expected an object with keys train, val, test"),
+    ('{"test": [' + GOOD + ']}', "expected an object with keys train, val, test"),
+    ('[[' + GOOD + ']]', "expected an object with keys train, val, test"),
+    ('{"train": [' + GOOD + '], "test": {}}', "test must be a list"),
+    ('{"train": [' + GOOD + '], "val": "a.png", "test": []}', "val must be a list"),
+    ('{"train": [["a.png", -1, "x"]], "test": []}', r"train\[0\]: expected \[relative_path, label >= 0"),
+    ('{"train": [["a.png", true, "x"]], "test": []}', r"train\[0\]: expected"),
+    ('{"train": [["a.png", 1.0, "x"]], "test": []}', r"train\[0\]: expected"),
+    ('{"train": [' + GOOD + ', ["c.png", 0]], "test": []}', r"train\[2\]: expected"),
+    ('{"train": [' + GOOD + ', [7, 0, "x"]], "test": []}', r"train\[2\]: expected"),
+    ('{"train": [' + GOOD + ', ["c.png", 0, 3]], "test": []}', r"train\[2\]: expected"),
+    ('{"train": [' + GOOD + '], "test": [["c.png", 1, "z"]]}',
+     r"test\[0\]: label 1 is named 'z' here but 'y' elsewhere"),
+    ('{"train": [], "test": []}', "no images listed"),
+    ('{"train": [' + GOOD + '], "test": [] ', "not valid JSON"),
+])
+def test_a_malformed_split_file_is_refused_naming_the_entry(tmp_path: Path, text: str,
+                                                            message: str) -> None:
+    with pytest.raises(DatasetError, match=message) as err:
+        read_dataset(_coop(tmp_path, text))
+    assert str(err.value).startswith(f"dataset c: split file {tmp_path / 'split.json'}: ")
+    assert "\n" not in str(err.value)
+
+
+def test_a_split_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    spec = _coop(tmp_path, "")
+    spec.split_file.write_bytes(b'{"train": [["caf\xe9.png", 0, "x"]], "test": []}')
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        read_dataset(spec)
+
+
+def test_a_split_file_without_val_reads_train_and_test(tmp_path: Path) -> None:
+    data = read_dataset(_coop(tmp_path, '{"train": [' + GOOD + '], "test": [["c.png", 0, "x"]]}'))
+    assert [(r.path, r.label, r.split) for r in data.records] == [
+        ("a.png", 0, Split.TRAIN), ("b.png", 1, Split.TRAIN), ("c.png", 0, Split.TEST)]
+    assert data.classnames == ("x", "y")
+
+
+@pytest.mark.parametrize("path", ["a\x00b.png", "", "/abs/a.png", "x/../../a.png"])
+def test_unsafe_entries_are_rejected_with_their_reason_and_the_rest_kept(tmp_path: Path,
+                                                                        path: str) -> None:
+    text = '{"train": [' + GOOD + ', [' + json.dumps(path) + ', 0, "x"]], "test": []}'
+    data = read_dataset(_coop(tmp_path, text))
+    assert [r.path for r in data.records] == ["a.png", "b.png"]
+    (rejected,) = data.rejected
+    assert rejected.path == path and rejected.reason == unsafe_path_reason(path) is not None
+
+
+def test_nul_bytes_and_absolute_paths_have_their_own_reasons() -> None:
+    assert unsafe_path_reason("a\x00.png") == "empty or invalid path"
+    assert unsafe_path_reason("/x.png") == "absolute path; entries must be relative to the image root"
+    assert unsafe_path_reason("..") == "path escapes the image root ('..')"
+    assert unsafe_path_reason("a/..b.png") is None  # '..' inside a name is not a parent folder
+
+
+def test_an_image_folder_with_only_train_is_refused(tmp_path: Path) -> None:
+    _png(tmp_path / "train" / "a" / "x.png")
+    with pytest.raises(DatasetError, match=r"has train/ but no test/ \(add it"):
+        read_dataset(DatasetSpec(name="f", format=DatasetFormat.IMAGEFOLDER, root=tmp_path))
+
+
+def test_a_split_folder_class_missing_from_train_is_refused(tmp_path: Path) -> None:
+    for split, cls in (("train", "a"), ("train", "b"), ("test", "a"), ("test", "c")):
+        _png(tmp_path / split / cls / "x.png")
+    with pytest.raises(DatasetError, match="test/c is not a class in train/"):
+        read_dataset(DatasetSpec(name="f", format=DatasetFormat.IMAGEFOLDER, root=tmp_path))
+
+
+def test_empty_image_folders_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    with pytest.raises(DatasetError, match="train/ has no class folders"):
+        read_dataset(DatasetSpec(name="f", format=DatasetFormat.IMAGEFOLDER, root=tmp_path))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "loose.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match="no class folders"):
+        read_dataset(DatasetSpec(name="f", format=DatasetFormat.IMAGEFOLDER, root=flat))
+    with pytest.raises(DatasetError, match="is not a folder"):
+        read_dataset(DatasetSpec(name="f", format=DatasetFormat.IMAGEFOLDER, root=tmp_path / "none"))
+
+
+def test_non_image_files_and_folder_links_are_not_images(tmp_path: Path) -> None:
+    _png(tmp_path / "ant" / "a.PNG")  # suffixes in any case
+    (tmp_path / "ant" / "b.png.txt").write_text("no")
+    (tmp_path / "ant" / "c").write_text("no suffix")
+    (tmp_path / "ant" / "d.png").mkdir()  # a folder named like an image
+    _png(tmp_path / "bee" / "z.jpg")
+    spec = DatasetSpec(name="f", format=DatasetFormat.IMAGEFOLDER, root=tmp_path,
+                       split=ImageFolderSplit(val=0.0, test=0.0))
+    assert sorted(r.path for r in read_dataset(spec).records) == ["ant/a.PNG", "bee/z.jpg"]
+
+
+def test_a_one_class_dataset_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="1 class; base-to-new needs at"):
+        read_dataset(_coop(tmp_path, '{"train": [["a.png", 0, "x"]], "test": []}'))

@@ -141,3 +141,50 @@ def test_bad_inputs_are_refused() -> None:
         average_rows([])
     with pytest.raises(ValueError, match="'new' is missing"):
         average_rows([{"base": 1.0, "new": 2.0}, {"base": 1.0}])
+
+
+def test_text_fields_survive_the_average_only_when_every_seed_agrees() -> None:
+    same = average_rows([{"method": "coop", "base": 1.0}, {"method": "coop", "base": 3.0}])
+    assert same == {"method": "coop", "base": 2.0, "base_std": 1.0}
+    mixed = average_rows([{"method": "coop", "base": 1.0}, {"method": "tip", "base": 3.0}])
+    assert "method" not in mixed and mixed["base"] == 2.0
+    # A field numeric in one row and text in another is not averaged either.
+    assert "note" not in average_rows([{"note": 1.0}, {"note": "one"}])
+    assert average_rows([{"flag": True}, {"flag": True}]) == {"flag": True}  # bools are not numbers
+
+
+def test_rows_without_h_get_none_and_seen_unseen_rows_take_h_from_that_pair() -> None:
+    avg = average_rows([{"base": 80.0, "new": 40.0}, {"base": 60.0, "new": 20.0}])
+    assert "h" not in avg and avg == {"base": 70.0, "new": 30.0, "base_std": 10.0, "new_std": 10.0}
+    # GZSL rows that name seen/unseen rather than base/new take H from those.
+    seen = average_rows([{"seen": 90.0, "unseen": 10.0, "h": 18.0},
+                         {"seen": 70.0, "unseen": 30.0, "h": 42.0}])
+    assert seen["h"] == pytest.approx(harmonic_mean(80.0, 20.0)) == pytest.approx(32.0)
+    assert (seen["seen_std"], seen["unseen_std"]) == (10.0, 10.0)
+
+
+def test_std_is_the_population_std_over_seeds() -> None:
+    avg = average_rows([{"gzsl_seen": v, "gzsl_unseen": 0.0} for v in (1.0, 2.0, 6.0)])
+    assert avg["gzsl_seen_std"] == pytest.approx(float(np.std([1.0, 2.0, 6.0])))
+    assert avg["gzsl_seen_std"] != pytest.approx(float(np.std([1.0, 2.0, 6.0], ddof=1)))
+    assert avg["gzsl_unseen_std"] == 0.0 and "other_std" not in average_rows([{"other": 1.0}])
+
+
+@pytest.mark.parametrize("logits", [LOGITS[0], LOGITS[None], LOGITS.reshape(-1)])
+def test_logits_that_are_not_two_dimensional_are_refused(logits: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match=r"expected logits \(N, C\) and labels \(N,\)"):
+        restricted_accuracy(logits, LABELS, BASE)
+    with pytest.raises(ValueError, match="expected logits"):
+        gzsl(logits, LABELS, BASE, NEW)
+    with pytest.raises(ValueError, match="expected logits"):
+        per_class_accuracy(logits, LABELS, BASE, restrict=True)
+
+
+def test_labels_that_are_not_one_dimensional_are_refused() -> None:
+    with pytest.raises(ValueError, match="expected logits"):
+        restricted_accuracy(LOGITS, LABELS[:, None], BASE)
+
+
+def test_harmonic_mean_of_a_zero_side_is_zero_and_not_nan() -> None:
+    assert harmonic_mean(0.0, 50.0) == 0.0 and harmonic_mean(0.0, 0.0) == 0.0
+    assert harmonic_mean(30.0, 60.0) == pytest.approx(40.0)
