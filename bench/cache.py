@@ -185,7 +185,7 @@ def modes(index: CacheIndex, topk: int) -> list[tuple[int | None, str, str]]:
     elif index.kind == "hnsw":
         note += ", M=32, efSearch=128"
     top = (topk, f"faiss {index.kind} top-k", note)
-    return [(None, "faiss flat exact", "all keys, read back: dense formula"), top] if index.exact else [top]
+    return [(None, "faiss flat exact", "all keys: the dense formula"), top] if index.exact else [top]
 
 
 def print_table(rows: list[dict]) -> None:

@@ -134,7 +134,10 @@ class CacheIndex:
         if keys.ndim != 2 or len(keys) == 0:
             raise UsageError(f"cache keys must be a non-empty (N, D) array, got {keys.shape}")
         params = IndexParams(nlist, nprobe, hnsw_m, ef_search, seed)
-        return cls(INDEX_BUILDERS[kind](keys, params), kind, use_gpu)
+        built = cls(INDEX_BUILDERS[kind](keys, params), kind, use_gpu)
+        if built.exact:
+            built._keys = torch.from_numpy(keys)  # the keys it was given: nothing to read back
+        return built
 
     @classmethod
     def from_bytes(cls, blob: np.ndarray, *, use_gpu: bool | None = None) -> CacheIndex:
