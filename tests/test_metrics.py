@@ -188,3 +188,14 @@ def test_labels_that_are_not_one_dimensional_are_refused() -> None:
 def test_harmonic_mean_of_a_zero_side_is_zero_and_not_nan() -> None:
     assert harmonic_mean(0.0, 50.0) == 0.0 and harmonic_mean(0.0, 0.0) == 0.0
     assert harmonic_mean(30.0, 60.0) == pytest.approx(40.0)
+
+
+def test_averages_are_taken_in_float64_whatever_the_input_precision() -> None:
+    # float32 would round 2^24 + 1 back to 2^24 while summing; float64 keeps every unit.
+    rows = [{"base": np.float32(2 ** 24)}, {"base": np.float32(1.0)}, {"base": np.float32(1.0)}]
+    assert average_rows(rows)["base"] == (2 ** 24 + 2) / 3
+
+
+def test_a_single_seed_keeps_its_text_fields() -> None:
+    assert average_rows([{"method": "coop", "base": 5.0}]) == {"method": "coop", "base": 5.0,
+                                                               "base_std": 0.0}
