@@ -342,3 +342,143 @@ def test_affinity_is_the_same_formula_for_numpy_and_torch() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_allclose(affinity(torch.from_numpy(sims), 3.0).numpy(), want, rtol=1e-6)
     assert affinity(np.float32(1.0) * np.ones(1), 9.0)[0] == 1.0  # sim 1 gives 1 at any beta
+
+
+def test_the_logits_come_in_the_queries_dtype_whatever_the_cache_holds(random_cache: dict) -> None:
+    """Keys, text weights and neighbour similarities in float64 meet float32 queries: each formula
+    converts them to the queries' dtype (and device) instead of failing or widening the result."""
+    r = random_cache
+    q, keys, text = r["queries"], r["keys"].double(), r["text"].double()
+    want = tip_logits(q, r["keys"], r["labels"], r["text"], 1.5, 4.0)
+    for got in (tip_logits(q, keys, r["labels"], text, 1.5, 4.0),
+                tip_logits_blocked(q, keys, r["labels"], text, 1.5, 4.0, max_elements=3000)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    sims = q @ r["keys"].T  # (B, N): every key as a neighbour
+    ids = torch.arange(len(keys)).expand(len(q), -1)
+    sparse = tip_logits_sparse(q, sims.double(), r["labels"][ids], text, 1.5, 4.0)
+    assert sparse.dtype == torch.float32
+    torch.testing.assert_close(sparse, want, rtol=1e-5, atol=1e-4)
+
+
+def test_ivf_list_counts_from_one_to_every_key_are_accepted(random_cache: dict) -> None:
+    import faiss
+
+    keys = random_cache["keys"].numpy()[:64]
+    for nlist in (1, 64):
+        assert faiss.extract_index_ivf(CacheIndex.build(keys, "ivf", nlist=nlist)._index).nlist == nlist
+    with pytest.raises(UsageError, match="an IVF index over 64 keys needs 1 <= nlist <= 64, got 65"):
+        CacheIndex.build(keys, "ivf", nlist=65)
+    # Fewer than 8 lists: one probe by default, never zero.
+    assert CacheIndex.build(keys, "ivf", nlist=4)._index.nprobe == 1
+
+
+def test_ivf_trains_spherical_centroids_quietly_on_small_caches(random_cache: dict,
+                                                                 capfd: pytest.CaptureFixture) -> None:
+    import faiss
+
+    keys = random_cache["keys"].numpy()[:100]
+    index = CacheIndex.build(keys, "ivf", nlist=60)  # under 2 keys per list: FAISS would warn
+    assert "WARNING" not in capfd.readouterr().err
+    raw = faiss.extract_index_ivf(index._index)
+    centroids = raw.quantizer.reconstruct_n(0, raw.nlist)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)  # unit-norm
+
+
+def test_ivf_clustering_is_seeded_by_the_seed_it_was_given(random_cache: dict) -> None:
+    import faiss
+
+    keys = random_cache["keys"].numpy()
+
+    def centroids(**kw: int) -> np.ndarray:
+        index = CacheIndex.build(keys, "ivf", nlist=20, **kw)  # kept alive while read
+        raw = faiss.extract_index_ivf(index._index)
+        return raw.quantizer.reconstruct_n(0, raw.nlist)
+
+    np.testing.assert_array_equal(centroids(), centroids(seed=0))  # the default seed is 0
+    assert not np.array_equal(centroids(seed=0), centroids(seed=5))
+
+
+def test_hnsw_defaults_and_a_single_threaded_build(random_cache: dict,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import faiss
+
+    keys = random_cache["keys"].numpy()[:300]
+    index = CacheIndex.build(keys, "hnsw")
+    assert index._index.hnsw.efSearch == 128 and index._index.hnsw.nb_neighbors(1) == 32
+    calls: list[int] = []
+    real = faiss.omp_set_num_threads
+    monkeypatch.setattr(faiss, "omp_set_num_threads", lambda n: (calls.append(n), real(n)))
+    before = faiss.omp_get_max_threads()
+    CacheIndex.build(keys, "hnsw")
+    assert calls == [1, before]  # one thread while inserting, then the previous count back
+
+
+def test_inputs_of_any_float_precision_are_taken(random_cache: dict) -> None:
+    keys, q = random_cache["keys"].double().numpy(), random_cache["queries"].double().numpy()
+    index = CacheIndex.build(keys, "flat")
+    sims, ids = index.search(q, len(keys))  # k may be every key
+    assert sims.dtype == np.float32 and ids.shape == (300, 2000)
+    np.testing.assert_allclose(sims[:, 0], (q @ keys.T).max(1), atol=1e-5)
+
+
+def test_an_approximate_index_returns_more_neighbours_than_a_gpu_could_on_the_cpu() -> None:
+    keys = F.normalize(torch.randn(3000, 16, generator=torch.Generator().manual_seed(3)), dim=1)
+    index = CacheIndex.build(keys.numpy(), "ivf", nlist=10, nprobe=10)
+    _, ids = index.search(keys[:4].numpy(), 2100)  # beyond GPU_MAX_K: fine off the GPU
+    assert ids.shape == (4, 2100) and bool((ids >= 0).all())
+
+
+def test_a_flat_index_read_back_from_bytes_scores_as_dense(random_cache: dict) -> None:
+    r = random_cache
+    again = CacheIndex.from_bytes(CacheIndex.build(r["keys"].numpy(), "flat").to_bytes())
+    torch.testing.assert_close(again.keys(), r["keys"], rtol=0, atol=0)
+    got = cache_logits(again, r["queries"], r["labels"], r["text"], 1.2, 3.0)
+    torch.testing.assert_close(got, tip_logits(r["queries"], r["keys"], r["labels"], r["text"],
+                                               1.2, 3.0), rtol=1e-5, atol=1e-4)
+
+
+def test_an_approximate_cache_reads_the_default_neighbours_unless_told(random_cache: dict) -> None:
+    from shipyard.pipeline.cache_index import DEFAULT_TOPK, resolve_topk
+
+    keys = random_cache["keys"].numpy()
+    ivf = CacheIndex.build(keys, "ivf")
+    assert resolve_topk(ivf, None) == DEFAULT_TOPK == 16
+    assert resolve_topk(CacheIndex.build(keys[:10], "hnsw"), None) == 10  # fewer keys than 16
+    assert resolve_topk(ivf, 5000) == 2000 and resolve_topk(ivf, 3) == 3
+    assert resolve_topk(CacheIndex.build(keys, "flat"), None) == 2000
+
+
+def test_top1_agreement_refuses_unequal_or_empty_logit_sets() -> None:
+    a = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    assert top1_agreement(a[:1], a[:1]) == 1.0  # one row is enough
+    assert top1_agreement(a, a.flip(1)) == 0.0
+    for x, y in ((a, a[:1]), (a[0], a[0]), (a[:0], a[:0])):
+        with pytest.raises(ValueError, match="expected two equal non-empty"):
+            top1_agreement(x, y)
+
+
+def test_agreement_report_scores_both_sides_at_the_logit_scale_given(random_cache: dict) -> None:
+    r = random_cache
+    exact = CacheIndex.build(r["keys"].numpy(), "flat")
+    approx = CacheIndex.build(r["keys"].numpy(), "ivf", nlist=100, nprobe=2)
+    report = agreement_report(exact, approx, r["queries"], r["labels"], r["text"], 4.0, 6.0,
+                              topk=8, logit_scale=1.0)
+    dense = tip_logits(r["queries"], r["keys"], r["labels"], r["text"], 4.0, 6.0, logit_scale=1.0)
+    sparse = cache_logits(approx, r["queries"], r["labels"], r["text"], 4.0, 6.0, topk=8,
+                          logit_scale=1.0)
+    assert report["top1_agreement"] == top1_agreement(sparse, dense) < 1.0
+    default = agreement_report(exact, approx, r["queries"], r["labels"], r["text"], 4.0, 6.0, topk=8)
+    at_100 = top1_agreement(cache_logits(approx, r["queries"], r["labels"], r["text"], 4.0, 6.0,
+                                         topk=8, logit_scale=100.0),
+                            tip_logits(r["queries"], r["keys"], r["labels"], r["text"], 4.0, 6.0))
+    assert default["top1_agreement"] == at_100 != report["top1_agreement"]
+
+
+def test_refusing_a_gpu_that_is_not_there_and_hnsw_on_the_gpu(random_cache: dict) -> None:
+    keys = random_cache["keys"].numpy()[:50]
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="has no GPU"):
+            CacheIndex.build(keys, "flat", use_gpu=True)
+    for kind in ("flat", "hnsw"):
+        assert not CacheIndex.build(keys, kind, use_gpu=False).on_gpu
