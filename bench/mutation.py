@@ -1,8 +1,8 @@
 """Mutation testing per module: mutmut mutates one module at a time and runs the tests that pin
 it (pyproject.toml, [tool.shipyard.mutation]); survivors reviewed as equivalent, GPU-only or
 message text are listed with a reason in bench/mutation_accepted.tsv. Prints, per module,
-mutants, killed, survived, accepted, open survivors and the score killed / (mutants - accepted),
-then the diff of every open survivor.
+mutants, killed (failed, timed out or crashed), survived, accepted, open survivors and the score
+killed / (mutants - accepted), then the mutated line of every open survivor.
 
     bash bench/mutation.sh                         # every module listed in pyproject.toml
     bash bench/mutation.sh pipeline/metrics.py     # one module
@@ -23,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCEPTED = ROOT / "bench" / "mutation_accepted.tsv"
+# A mutant whose tests fail, hang past mutmut's timeout or crash the test process is caught.
+CAUGHT = {"killed", "timeout", "segfault"}
 
 
 @dataclass
@@ -81,7 +83,7 @@ def run_module(module: str, tests: list[str], work: Path, config: dict) -> Outco
         if name:
             out.status[name] = status
     for name, status in out.status.items():
-        if status != "killed":
+        if status not in CAUGHT:
             shown = subprocess.run(["mutmut", "show", name], cwd=where, env=env,
                                    capture_output=True, text=True, check=False).stdout
             out.diffs[name] = next((ln[1:].strip() for ln in shown.splitlines()
@@ -106,9 +108,9 @@ def report(outcomes: list[Outcome], accepted: dict[str, tuple[str, str]]) -> Non
     print("-" * len(head))
     open_rows: list[str] = []
     for o in outcomes:
-        survived = [n for n, s in o.status.items() if s != "killed"]
+        survived = [n for n, s in o.status.items() if s not in CAUGHT]
         ok = [n for n in survived if n in accepted and accepted[n][0] == o.diffs.get(n)]
-        killed = sum(s == "killed" for s in o.status.values())
+        killed = sum(s in CAUGHT for s in o.status.values())
         judged = len(o.status) - len(ok)
         score = 100.0 * killed / judged if judged else 100.0
         print(f"{o.module:<28}{len(o.status):>8}{killed:>8}{len(survived):>9}{len(ok):>9}"

@@ -44,7 +44,7 @@ def cache() -> dict[str, torch.Tensor]:
             "dense": tip_logits(queries, keys, labels, text, ALPHA, BETA)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # per test: a mutation run must see every test build it
 def index(cache: dict[str, torch.Tensor]) -> ClassIndex:
     return ClassIndex.build(cache["keys"], cache["labels"], C)
 
@@ -224,3 +224,125 @@ def test_labels_outside_the_classes_are_refused() -> None:
         ClassIndex.build(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 3)
     assert math.isfinite(float(ClassIndex.build(torch.eye(4), torch.tensor([0, 0, 2, 2]), 3)
                                .bounds(torch.eye(4), BETA).sum()))
+
+
+# --- the rules the clustering and the checks follow ---------------------------------------------
+
+def test_two_subclusters_are_made_when_two_are_asked_for() -> None:
+    keys, _ = mixture(200, seed=7)
+    means, sizes = class_kmeans(keys, 2, seed=0)
+    assert len(means) == 2 and float(sizes.sum()) == 200
+
+
+def test_a_class_with_no_more_keys_than_subclusters_gets_its_plain_mean() -> None:
+    keys, _ = mixture(3, seed=8)
+    for m in (1, 3, 5):
+        means, sizes = class_kmeans(keys, m, seed=0)
+        torch.testing.assert_close(means, keys.mean(0, keepdim=True))
+        assert sizes.tolist() == [3.0]
+
+
+def test_empty_subclusters_are_dropped_and_singletons_kept_as_their_key() -> None:
+    """Keys at two points only, asked for three clusters: at most two survive, each the mean of
+    its own keys; a lone outlier is a cluster of one, its mean the outlier itself."""
+    a, b = F.normalize(torch.ones(D), dim=0), F.normalize(torch.arange(D, dtype=torch.float), dim=0)
+    keys = torch.stack([a] * 20 + [b] * 20)
+    means, sizes = class_kmeans(keys, 3, seed=0)
+    assert bool((sizes > 0).all()) and float(sizes.sum()) == 40 and len(means) <= 2
+    outlier = F.normalize(-torch.ones(D), dim=0)
+    many, _ = mixture(60, seed=9)
+    keys = torch.cat([many, outlier[None]])
+    for seed in range(4):
+        means, sizes = class_kmeans(keys, 3, seed=seed)
+        assert float(sizes.sum()) == 61 and bool((sizes > 0).all())
+        lone = sizes == 1
+        if bool(lone.any()):
+            torch.testing.assert_close(means[lone][0], outlier)
+
+
+def test_subclusters_are_assigned_by_cosine_not_by_dot_product() -> None:
+    """A tight cluster (raw mean near unit length) beside a diffuse one (short raw mean): a key
+    between them goes to the nearer normalised mean, where a dot product with the raw means
+    would pick the tight one."""
+    g = torch.Generator().manual_seed(0)
+    tight = F.normalize(torch.randn(D, generator=g), dim=0)
+    wide = F.normalize(torch.randn(D, generator=g), dim=0)
+    keys = torch.cat([F.normalize(tight + 0.05 * torch.randn(50, D, generator=g), dim=1),
+                      F.normalize(wide + 1.5 * torch.randn(50, D, generator=g) / D ** 0.5, dim=1)])
+    means, _ = class_kmeans(keys, 2, seed=0)
+    unit = F.normalize(means, dim=1)
+    assign = (keys @ unit.T).argmax(1)
+    for j in range(len(means)):  # the fixed point of the cosine rule
+        torch.testing.assert_close(means[j], keys[assign == j].mean(0), atol=1e-5, rtol=0)
+
+
+def test_a_one_class_index_and_empty_trailing_classes_are_valid() -> None:
+    keys, _ = mixture(40, seed=3)
+    one = ClassIndex.build(keys, torch.zeros(40, dtype=torch.long), 1)
+    assert one.n_classes == 1 and one.offsets.tolist() == [0, 40]
+    wide = ClassIndex.build(keys, torch.zeros(40, dtype=torch.long), 4)  # classes 1-3 hold no keys
+    assert wide.offsets.tolist() == [0, 40, 40, 40, 40]
+    assert bool((wide.bounds(keys, BETA)[:, 1:] == 0).all())
+
+
+def test_the_default_seed_is_zero(cache: dict[str, torch.Tensor]) -> None:
+    a = ClassIndex.build(cache["keys"], cache["labels"], C)
+    b = ClassIndex.build(cache["keys"], cache["labels"], C, seed=0)
+    torch.testing.assert_close(a.centroids, b.centroids, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda p: {**p, "offsets": torch.cat([p["offsets"][:1] + 1, p["offsets"][1:]])}, "rising offsets"),
+    (lambda p: {**p, "offsets": torch.cat([p["offsets"][:-1], p["offsets"][-1:] - 1])}, "rising offsets"),
+    (lambda p: {**p, "offsets": torch.tensor([0])}, "rising offsets"),
+    (lambda p: {**p, "keys": p["keys"][None]}, "rising offsets"),
+    (lambda p: {**p, "offsets": torch.cat([p["offsets"][:2], p["offsets"][1:2] - 1,
+                                           p["offsets"][3:]])}, "rising offsets"),
+    (lambda p: {**p, "counts": p["counts"][:-1]}, "counts"),
+    (lambda p: {**p, "owner": p["owner"][:-1]}, "owners"),
+    (lambda p: {**p, "owner": torch.where(p["owner"] == 0, -1, p["owner"])}, "owners"),
+    (lambda p: {**p, "owner": torch.where(p["owner"] == C - 1, C, p["owner"])}, "owners"),
+])
+def test_each_inconsistency_alone_is_refused(index: ClassIndex, change, message: str) -> None:
+    parts = {"keys": index.keys, "offsets": index.offsets, "centroids": index.centroids,
+             "counts": index.counts, "owner": index.owner}
+    with pytest.raises(UsageError, match=message):
+        ClassIndex(**change(parts))
+
+
+def test_faiss_takes_over_from_the_threshold_on_with_one_candidates_share_by_default(
+        cache: dict[str, torch.Tensor], index: ClassIndex) -> None:
+    q, m = cache["queries"], len(index.centroids)
+    full = index.bounds(q, BETA)
+    torch.testing.assert_close(index.bounds(q, BETA, faiss_min=m + 1), full, rtol=0, atol=0)
+    at = index.bounds(q, BETA, faiss_min=m)  # as many centroids as the threshold: FAISS
+    assert not torch.allclose(at, full)
+    torch.testing.assert_close(at, index.bounds(q, BETA, faiss_min=m, want=1))
+
+
+def test_the_estimate_adds_the_bound_and_asks_faiss_for_the_candidates_share(
+        cache: dict[str, torch.Tensor], index: ClassIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    q, text = cache["queries"], cache["text"]
+    asked: list[tuple] = []
+    real = ClassIndex.bounds
+
+    def spy(self: ClassIndex, q: torch.Tensor, beta: float, faiss_min: int = 1 << 16,
+            want: int = 1) -> torch.Tensor:
+        asked.append((beta, faiss_min, want))
+        return real(self, q, beta, faiss_min, want)
+
+    monkeypatch.setattr(ClassIndex, "bounds", spy)
+    got = index.logits(q, text, ALPHA, BETA, 3, faiss_min=77)
+    assert asked == [(BETA, 77, 3)]
+    clip = 100.0 * q @ text.T
+    others = torch.ones_like(got, dtype=torch.bool).scatter(1, got.topk(3, dim=1).indices, False)
+    est = clip + ALPHA * real(index, q, BETA)
+    torch.testing.assert_close(got[others], est[others])  # non-candidates: clip + alpha * bound
+
+
+def test_tuning_queries_take_val_alone_from_the_threshold_on() -> None:
+    keys = torch.ones(5, 4)
+    assert len(tuning_queries(torch.zeros(10, 4), keys, least=10, most=50)) == 10
+    assert len(tuning_queries(torch.zeros(9, 4), keys, least=10, most=50)) == 14
+    one = tuning_queries(torch.zeros(2, 4), keys[:1], least=10, most=50)
+    assert len(one) == 3 and bool((one[-1] == 1).all())  # a single key still joins
