@@ -346,3 +346,19 @@ def test_tuning_queries_take_val_alone_from_the_threshold_on() -> None:
     assert len(tuning_queries(torch.zeros(9, 4), keys, least=10, most=50)) == 14
     one = tuning_queries(torch.zeros(2, 4), keys[:1], least=10, most=50)
     assert len(one) == 3 and bool((one[-1] == 1).all())  # a single key still joins
+
+
+def test_classes_without_keys_after_the_last_labelled_one_get_empty_ranges() -> None:
+    keys, _ = mixture(30, seed=4)
+    index = ClassIndex.build(keys, torch.arange(30) % 2, 4)  # classes 2 and 3 hold no keys
+    assert index.offsets.tolist() == [0, 15, 30, 30, 30]
+
+
+def test_keys_that_are_not_a_matrix_are_refused_even_with_matching_rows(index: ClassIndex) -> None:
+    with pytest.raises(UsageError, match=r"\(N, D\) keys"):
+        ClassIndex(index.keys[:, :, None], index.offsets, index.centroids, index.counts, index.owner)
+
+
+def test_the_subcluster_cap_is_the_one_given(cache: dict[str, torch.Tensor]) -> None:
+    one = ClassIndex.build(cache["keys"], cache["labels"], C, subcentroids=1)
+    assert len(one.centroids) == C and torch.equal(one.owner, torch.arange(C))
