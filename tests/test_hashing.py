@@ -178,3 +178,49 @@ def test_the_cache_folder_follows_shipyard_then_xdg_then_home(monkeypatch: pytes
     monkeypatch.delenv("SHIPYARD_CACHE_DIR")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "shipyard"
+
+
+def test_a_missing_or_odd_entry_first_does_not_stop_the_rest(files: list[Path], cache: StatCache,
+                                                             tmp_path: Path) -> None:
+    gone, folder = tmp_path / "gone.bin", tmp_path / "folder.bin"
+    folder.mkdir()
+    for first in (gone, folder):
+        result = hash_files([first, *files], cache)
+        assert set(result.keys) == set(files) and list(result.errors) == [first]
+
+
+def test_a_path_that_cannot_be_statted_is_named_with_its_reason(files: list[Path],
+                                                                cache: StatCache,
+                                                                tmp_path: Path) -> None:
+    long = tmp_path / ("x" * 300)  # longer than any file name may be
+    result = hash_files([long, *files], cache)
+    assert result.errors == {long: "cannot stat: File name too long"}
+    assert set(result.keys) == set(files)
+
+
+def test_a_file_that_cannot_be_read_is_named_and_not_cached(files: list[Path], cache: StatCache,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    real = hashing.sha256_file
+
+    def denied(path: Path) -> bytes:
+        if path == files[1]:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(hashing, "sha256_file", denied)
+    result = hash_files(files, cache)
+    assert result.errors == {files[1]: "cannot read: Permission denied"}
+    assert files[1] not in result.keys and cache.get(str(files[1]), files[1].stat()) is None
+    assert result.read == 5
+
+
+def test_a_stat_cache_creates_its_folders_and_reopens(tmp_path: Path, files: list[Path]) -> None:
+    path = tmp_path / "deep" / "er" / "stat.sqlite"
+    first = StatCache(path)
+    hash_files(files, first)
+    first.close()
+    again = StatCache(path)  # the folder exists now: reopened, rows kept
+    try:
+        assert all(again.get(str(p), p.stat()) == digest(p) for p in files)
+    finally:
+        again.close()
