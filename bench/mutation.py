@@ -56,9 +56,13 @@ def stage(module: str, tests: list[str], where: Path, config: dict) -> None:
         src = ROOT / name
         if not src.is_file():
             continue
-        dst = where / ("" if name.startswith("tests/") else "shipyard") / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
+        # The tests find the demo data beside themselves: examples/ goes to both places.
+        tops = [""] if name.startswith("tests/") else ["shipyard", ""] if name.startswith(
+            "examples/") else ["shipyard"]
+        for top in tops:
+            dst = where / top / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
     mutmut = {**config["tool"]["mutmut"], "only_mutate": [f"shipyard/{module}"],
               "pytest_add_cli_args_test_selection": tests}
     pytest_opts = config["tool"]["pytest"]["ini_options"]

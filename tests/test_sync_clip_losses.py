@@ -58,6 +58,11 @@ def test_the_alignment_gradient_reaches_both_domains() -> None:
 def test_mismatched_rows_are_refused() -> None:
     with pytest.raises(ValueError, match="pair row by row"):
         align_loss(SYN, REAL[:1], torch.tensor([0]))
+    labels = torch.zeros(len(SYN) + 1, dtype=torch.long)  # features pair, labels do not
+    with pytest.raises(ValueError, match="pair row by row"):
+        align_loss(SYN, REAL, labels)
+    with pytest.raises(ValueError, match="pair row by row"):
+        align_loss(SYN[None], REAL[None], labels[:1])  # not (B, D)
 
 
 def test_syn_loss_sums_the_two_halves_means() -> None:
