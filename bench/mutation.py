@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,12 +26,13 @@ ACCEPTED = ROOT / "bench" / "mutation_accepted.tsv"
 CAUGHT = {"killed", "timeout", "segfault"}
 
 
-@dataclass
 class Outcome:
-    module: str
-    status: dict[str, str] = field(default_factory=dict)  # mutant name -> killed, survived, ...
-    diffs: dict[str, str] = field(default_factory=dict)  # survivor -> its mutated line
-    seconds: float = 0.0
+    """One module's mutants: their status, each survivor's mutated line, and the run's seconds."""
+
+    def __init__(self, module: str, seconds: float = 0.0) -> None:
+        self.module, self.seconds = module, seconds
+        self.status: dict[str, str] = {}  # mutant name -> killed, survived, timeout, ...
+        self.diffs: dict[str, str] = {}  # survivor -> its mutated line
 
 
 def toml_value(value: object) -> str:
