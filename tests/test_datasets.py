@@ -13,6 +13,7 @@ from shipyard.pipeline.datasets import (
     DatasetError,
     Split,
     base_new_split,
+    dassl_few_shot,
     few_shot,
     read_dataset,
     unsafe_path_reason,
@@ -286,3 +287,42 @@ def test_non_image_files_and_folder_links_are_not_images(tmp_path: Path) -> None
 def test_a_one_class_dataset_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="1 class; base-to-new needs at"):
         read_dataset(_coop(tmp_path, '{"train": [["a.png", 0, "x"]], "test": []}'))
+
+
+def test_no_training_rows_give_empty_integer_subsets() -> None:
+    labels, splits = np.array([0, 1]), np.array([Split.TEST, Split.TEST])
+    rows = few_shot(labels, splits, 4, seed=1)
+    assert rows.shape == (0,) and rows.dtype == np.int64
+    train, val = dassl_few_shot(labels, splits, 4, seed=1)
+    assert train.dtype == val.dtype == np.int64 and train.size == val.size == 0
+    assert labels[rows].shape == (0,)  # usable as an index
+
+
+def test_dassl_sampling_is_the_public_codes_sequence_of_draws() -> None:
+    """Reproduced by hand with Python's random: train K per label (every item when a label has
+    fewer), then val min(K, 4) per label from the same generator; a label with exactly K items
+    is still sampled, so its order is shuffled."""
+    import random
+
+    labels = np.array([0] * 8 + [1] * 3 + [0] * 6 + [1] * 6)
+    splits = np.array([Split.TRAIN] * 11 + [Split.VAL] * 12)
+    train, val = dassl_few_shot(labels, splits, 8, seed=5)
+    rng = random.Random(5)
+    want_train = [*rng.sample(list(range(8)), 8), 8, 9, 10]
+    want_val = rng.sample(list(range(11, 17)), 4) + rng.sample(list(range(17, 23)), 4)
+    assert train.tolist() == want_train and val.tolist() == want_val
+    assert set(splits[val]) == {Split.VAL}
+
+
+def test_dassl_sampling_skips_a_second_path_of_the_same_image() -> None:
+    labels = np.array([0, 0, 0, 1])
+    splits = np.array([Split.TRAIN] * 4)
+    keys = np.zeros((4, 32), dtype=np.uint8)
+    keys[1, 0], keys[3, 0] = 1, 2  # rows 0 and 2 are one image
+    train, _ = dassl_few_shot(labels, splits, 5, seed=0, keys=keys)
+    assert sorted(train.tolist()) == [0, 1, 3]
+
+
+def test_records_carry_their_dataset_name(tmp_path: Path) -> None:
+    data = read_dataset(_coop(tmp_path, '{"train": [' + GOOD + '], "test": []}'))
+    assert data.name == "c" and data.root == tmp_path
