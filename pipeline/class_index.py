@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -135,9 +136,18 @@ class ClassIndex:
         if len(cents) < faiss_min:
             w = torch.exp(beta * (q @ cents.T - 1.0)) * self.counts.to(q)  # (B, D) @ (D, M)
             return out.index_add_(1, self.owner, w)
-        sims, ids = _faiss_nearest(cents, q, min(len(cents), want * FAISS_CENTROIDS_PER_CANDIDATE))
+        k = min(len(cents), want * FAISS_CENTROIDS_PER_CANDIDATE)
+        found, at = self._centroid_search.search(q.cpu().numpy(), k)  # (B, k) each
+        sims, ids = torch.from_numpy(found).to(q), torch.from_numpy(at).to(q.device)
         w = torch.exp(beta * (sims - 1.0)) * self.counts.to(q)[ids]  # (B, k)
         return out.scatter_add_(1, self.owner[ids], w)
+
+    @cached_property
+    def _centroid_search(self) -> Any:
+        """A FAISS flat index over the centroids, built on first use and kept for every batch."""
+        from .cache_index import CacheIndex
+
+        return CacheIndex.build(self.centroids.cpu().numpy().astype(np.float32), "flat")
 
     def exact_sums(self, q: torch.Tensor, cand: torch.Tensor, beta: float) -> torch.Tensor:
         """The exact cache sum of each (query, candidate class) pair: (B, T) for cand (B, T).
@@ -182,15 +192,6 @@ class ClassIndex:
         cand = pick.topk(t, dim=1).indices  # (B, T)
         exact = clip.gather(1, cand) + alpha * self.exact_sums(q, cand, beta)
         return est.scatter(1, cand, exact)
-
-
-def _faiss_nearest(cents: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's k nearest centroids by inner product through a FAISS flat index."""
-    from .cache_index import CacheIndex
-
-    index = CacheIndex.build(cents.cpu().numpy().astype(np.float32), "flat")
-    sims, ids = index.search(q.cpu().numpy(), k)
-    return torch.from_numpy(sims).to(q), torch.from_numpy(ids).to(q.device)
 
 
 @torch.no_grad()

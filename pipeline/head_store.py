@@ -140,6 +140,12 @@ class CachedTip(nn.Module):
         self.alpha, self.beta, self.topk, self.candidates = alpha, beta, topk, candidates
         self.index_note: dict | None = None  # an approximate cache's stored agreement with dense
 
+    @property
+    def sided(self) -> bool:
+        """Its answer within a set of classes needs logits of its own (`scoped`): the classes
+        index picks its candidates there. A FAISS cache's logits serve every set alike."""
+        return isinstance(self.index, ClassIndex)
+
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.scoped(f, None)
 

@@ -96,7 +96,7 @@ def score(head: Any, inputs: Any) -> dict[str, Any]:
     # Base and new accuracy read only their own classes' columns: a head that picks its answer
     # within the scored classes (the classes cache's candidates) is asked once per side.
     sided = logits
-    if hasattr(head, "scoped"):
+    if getattr(head, "sided", False):
         sided = logits.clone()
         for side in (inputs.base, inputs.new):
             if side:

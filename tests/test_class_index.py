@@ -362,3 +362,35 @@ def test_keys_that_are_not_a_matrix_are_refused_even_with_matching_rows(index: C
 def test_the_subcluster_cap_is_the_one_given(cache: dict[str, torch.Tensor]) -> None:
     one = ClassIndex.build(cache["keys"], cache["labels"], C, subcentroids=1)
     assert len(one.centroids) == C and torch.equal(one.owner, torch.arange(C))
+
+
+def test_the_centroid_search_index_is_built_once_for_every_batch(
+        cache: dict[str, torch.Tensor], index: ClassIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shipyard.pipeline import cache_index
+
+    built: list[int] = []
+    real = cache_index.CacheIndex.build.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type, keys, kind: str, **kw):
+        built.append(len(keys))
+        return real(cls, keys, kind, **kw)
+
+    monkeypatch.setattr(cache_index.CacheIndex, "build", classmethod(counted))
+    first = index.bounds(cache["queries"][:50], BETA, faiss_min=0)
+    again = index.bounds(cache["queries"][50:], BETA, faiss_min=0)
+    assert built == [len(index.centroids)]  # one FAISS index over the centroids, kept
+    torch.testing.assert_close(torch.cat([first, again]),
+                               index.bounds(cache["queries"], BETA, faiss_min=0))
+
+
+def test_only_a_classes_cache_is_scored_once_per_side(cache: dict[str, torch.Tensor],
+                                                      index: ClassIndex) -> None:
+    import numpy as np
+    from shipyard.pipeline.cache_index import CacheIndex
+    from shipyard.pipeline.head_store import CachedTip
+
+    labels = cache["labels"].numpy()
+    flat = CachedTip(CacheIndex.build(cache["keys"].numpy(), "flat"), labels, cache["text"],
+                     ALPHA, BETA, None)
+    classes = CachedTip(index, np.sort(labels), cache["text"], ALPHA, BETA, None, 2)
+    assert not flat.sided and classes.sided
