@@ -33,7 +33,8 @@ from shipyard.pipeline.head_training import HeadData, train_head  # noqa: E402
 from shipyard.pipeline.heads import CoOp, SyncClipFS, ZeroShot  # noqa: E402
 from shipyard.pipeline.metrics import base_new  # noqa: E402
 from shipyard.pipeline.registry import heads  # noqa: E402
-from shipyard.pipeline.sync_clip import DomainPool, SyncWeights, train_sync  # noqa: E402
+from shipyard.pipeline.sync_clip import DomainPool, train_sync  # noqa: E402
+from shipyard.pipeline.sync_losses import SyncWeights  # noqa: E402
 
 from tests.test_heads_planted import BIAS_STD, planted  # noqa: E402
 from tests.test_ship_learning import NAMES  # noqa: E402

@@ -141,7 +141,8 @@ def train_sync_head(work: Work, inputs: Any, cfg: Any) -> Outcome:
     from ..pipeline.generators import load_generator
     from ..pipeline.head_store import make_head, synthetic_features
     from ..pipeline.heads import SyncClipFS
-    from ..pipeline.sync_clip import DomainPool, FreshDomain, SyncWeights, train_sync
+    from ..pipeline.sync_clip import DomainPool, FreshDomain, train_sync
+    from ..pipeline.sync_losses import SyncWeights
     from ..pipeline.synthesis import Synthesizer
 
     job, env, store = work.job, work.env, work.store

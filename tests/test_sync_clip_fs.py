@@ -15,7 +15,8 @@ from shipyard.cli import app
 from shipyard.pipeline.configs import HeadConfig
 from shipyard.pipeline.features import FewShotSet
 from shipyard.pipeline.heads import CoOp, SyncClipFS
-from shipyard.pipeline.sync_clip import DomainPool, FreshDomain, SyncWeights, train_sync
+from shipyard.pipeline.sync_clip import DomainPool, FreshDomain, train_sync
+from shipyard.pipeline.sync_losses import SyncWeights
 from shipyard.pipeline.text_encoder import PromptEncoder
 from typer.testing import CliRunner
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from shipyard.pipeline.errors import UsageError
-from shipyard.pipeline.sync_clip import (
-    DomainPool,
+from shipyard.pipeline.sync_clip import DomainPool
+from shipyard.pipeline.sync_losses import (
     SyncWeights,
     align_loss,
     batch_labels,
