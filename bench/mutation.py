@@ -1,8 +1,8 @@
 """Mutation testing per module: mutmut mutates one module at a time and runs the tests that pin
 it (pyproject.toml, [tool.shipyard.mutation]); survivors reviewed as equivalent, GPU-only or
 message text are listed with a reason in bench/mutation_accepted.tsv. Prints, per module,
-mutants, killed (failed, timed out or crashed), survived, accepted, open survivors and the score
-killed / (mutants - accepted), then the mutated line of every open survivor.
+mutants, killed (failed, timed out or crashed), how many of those timed out, survived, accepted,
+open survivors and the score killed / (mutants - accepted), then every open survivor's line.
 
     bash bench/mutation.sh                         # every module listed in pyproject.toml
     bash bench/mutation.sh pipeline/metrics.py     # one module
@@ -106,8 +106,8 @@ def read_accepted() -> dict[str, tuple[str, str]]:
 
 
 def report(outcomes: list[Outcome], accepted: dict[str, tuple[str, str]]) -> None:
-    head = (f"{'module':<28}{'mutants':>8}{'killed':>8}{'survived':>9}{'accepted':>9}{'open':>6}"
-            f"{'score':>8}{'seconds':>9}")
+    head = (f"{'module':<28}{'mutants':>8}{'killed':>8}{'timeout':>8}{'survived':>9}{'accepted':>9}"
+            f"{'open':>6}{'score':>8}{'seconds':>9}")
     print(head)
     print("-" * len(head))
     open_rows: list[str] = []
@@ -117,7 +117,8 @@ def report(outcomes: list[Outcome], accepted: dict[str, tuple[str, str]]) -> Non
         killed = sum(s in CAUGHT for s in o.status.values())
         judged = len(o.status) - len(ok)
         score = 100.0 * killed / judged if judged else 100.0
-        print(f"{o.module:<28}{len(o.status):>8}{killed:>8}{len(survived):>9}{len(ok):>9}"
+        timeouts = sum(s == "timeout" for s in o.status.values())  # among killed; many: a busy machine
+        print(f"{o.module:<28}{len(o.status):>8}{killed:>8}{timeouts:>8}{len(survived):>9}{len(ok):>9}"
               f"{len(survived) - len(ok):>6}{score:>7.1f}%{o.seconds:>9.0f}")
         open_rows += [f"  {n} [{o.status[n]}]: {o.diffs.get(n)}" for n in survived if n not in ok]
         prefix = "shipyard." + o.module.removesuffix(".py").replace("/", ".") + "."

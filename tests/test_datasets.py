@@ -13,12 +13,14 @@ from shipyard.pipeline.datasets import (
     DatasetError,
     Split,
     base_new_split,
+    class_counts,
     dassl_few_shot,
     few_shot,
+    protocol_warnings,
     read_dataset,
     unsafe_path_reason,
 )
-from shipyard.pipeline.manifest import DatasetFormat, DatasetSpec, ImageFolderSplit
+from shipyard.pipeline.manifest import DatasetFormat, DatasetSpec, Domain, ImageFolderSplit
 
 
 def test_base_new_first_half_rounded_up() -> None:
@@ -326,3 +328,65 @@ def test_dassl_sampling_skips_a_second_path_of_the_same_image() -> None:
 def test_records_carry_their_dataset_name(tmp_path: Path) -> None:
     data = read_dataset(_coop(tmp_path, '{"train": [' + GOOD + '], "test": []}'))
     assert data.name == "c" and data.root == tmp_path
+
+
+def _synthetic(tmp_path: Path, text: str) -> DatasetSpec:
+    split = tmp_path / "split.json"
+    split.write_text(text, encoding="utf-8")
+    return DatasetSpec(name="syn", format=DatasetFormat.COOP, root=tmp_path, split_file=split,
+                       domain=Domain.SYNTHETIC, pairs_with="real")
+
+
+def test_a_synthetic_dataset_takes_the_real_classes_by_name_and_trains_only(tmp_path: Path) -> None:
+    """Relabelled to the real dataset's class order, every entry a training image, even those
+    its own split file puts in val or test; a single class of its own is enough."""
+    spec = _synthetic(tmp_path, '{"train": [["s/a.png", 0, "dog"], ["s/b.png", 1, "ant"]], '
+                                '"val": [["s/c.png", 1, "ant"]], "test": [["s/d.png", 0, "dog"]]}')
+    data = read_dataset(spec, classes_of=("ant", "bee", "dog"))
+    assert data.classnames == ("ant", "bee", "dog")
+    assert [(r.path, r.label, r.split) for r in data.records] == [
+        ("s/a.png", 2, Split.TRAIN), ("s/b.png", 0, Split.TRAIN), ("s/c.png", 0, Split.TRAIN),
+        ("s/d.png", 2, Split.TRAIN)]
+    one = read_dataset(_synthetic(tmp_path, '{"train": [["s/a.png", 0, "bee"]], "test": []}'),
+                       classes_of=("ant", "bee"))
+    assert [(r.label, r.split) for r in one.records] == [(1, Split.TRAIN)]
+
+
+def test_a_synthetic_class_the_real_dataset_lacks_is_refused_naming_it(tmp_path: Path) -> None:
+    spec = _synthetic(tmp_path, '{"train": [["a.png", 0, "dog"], ["b.png", 1, "wolf"]], "test": []}')
+    with pytest.raises(DatasetError, match=r"^dataset syn: class 'wolf' is not a class of real "
+                                           r"\(its classes: ant, dog\)$"):
+        read_dataset(spec, classes_of=("ant", "dog"))
+    many = tuple(f"c{i}" for i in range(7))
+    with pytest.raises(DatasetError, match=r"\(its classes: c0, c1, c2, c3, c4, c5, \.\.\.\)$"):
+        read_dataset(spec, classes_of=many)
+    six = many[:6]
+    with pytest.raises(DatasetError, match=r"\(its classes: c0, c1, c2, c3, c4, c5\)$"):
+        read_dataset(spec, classes_of=six)
+
+
+def test_unsafe_synthetic_entries_are_rejected_like_real_ones(tmp_path: Path) -> None:
+    spec = _synthetic(tmp_path, '{"train": [["../a.png", 0, "dog"], ["b.png", 0, "dog"]], "test": []}')
+    data = read_dataset(spec, classes_of=("dog", "cat"))
+    assert [r.path for r in data.records] == ["b.png"] and data.rejected[0].path == "../a.png"
+
+
+def test_protocol_warnings_name_one_class_sides_and_a_missing_val_split() -> None:
+    one = "the {} side has a single class, so its accuracy is 100 by construction"
+    assert protocol_warnings([0, 1], [2, 3], val_images=5, tunes_on_val=True) == []
+    assert protocol_warnings([0], [1], val_images=5, tunes_on_val=False) == [
+        one.format("base"), one.format("new")]
+    assert protocol_warnings([0, 1], [2], val_images=5, tunes_on_val=False) == [one.format("new")]
+    assert protocol_warnings([0], [1, 2], val_images=5, tunes_on_val=False) == [one.format("base")]
+    assert protocol_warnings([0, 1], [2, 3], val_images=0, tunes_on_val=False) == []
+    assert protocol_warnings([0, 1], [2, 3], val_images=1, tunes_on_val=True) == []
+    assert protocol_warnings([0, 1], [2, 3], val_images=0, tunes_on_val=True, init=(1.5, 5.0)) == [
+        "there is no val split, so Tip-Adapter's alpha and beta were not searched (the initial "
+        "alpha 1.5, beta 5)"]
+    assert protocol_warnings([0, 1], [2, 3], val_images=0, tunes_on_val=True)[0].endswith(
+        "(the initial alpha 1, beta 1)")
+
+
+def test_class_counts_include_classes_without_images() -> None:
+    assert class_counts([2, 0, 2], num_classes=4) == [1, 0, 2, 0]
+    assert class_counts([], num_classes=2) == [0, 0]

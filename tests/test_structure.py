@@ -126,3 +126,27 @@ def test_every_benchmark_imports_against_the_current_api(bench: str) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # imports only: main() runs under __main__
     assert callable(module.main)
+
+
+STRAY = '''
+import os
+from pathlib import Path
+
+def test_writes_outside_its_folder():
+    (Path.home() / ".cache" / "stray").mkdir(parents=True)
+    os.environ["SHIPYARD_LEAKED"] = "1"
+'''
+
+
+def test_a_test_writing_into_home_or_leaking_environment_fails_the_session(tmp_path: Path) -> None:
+    """The session guard of tests/conftest.py: HOME points into an empty folder of the session,
+    and whatever lands there, or stays changed in os.environ, fails the run by name."""
+    (tmp_path / "test_stray.py").write_text(STRAY)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                          "tests.conftest", str(tmp_path / "test_stray.py")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "1 passed" in out.stdout
+    assert "wrote into the home folder: .cache/stray" in out.stderr
+    assert "left the environment changed: SHIPYARD_LEAKED" in out.stderr
+    assert not (Path.home() / ".cache" / "stray").exists()
