@@ -50,6 +50,7 @@ def pytest_configure(config: pytest.Config) -> None:
     runs the tests in its staging folder: it writes its own files there.)"""
     if "mutmut" in sys.modules:
         return
+    import open_clip  # noqa: F401  its import sets two environment variables: record them as set
     session = Path(tempfile.mkdtemp(prefix="shipyard-tests-"))
     set_hypothesis_home_dir(session / "hypothesis")  # its caches, not in the working folder
     home = session / "home"

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from shipyard.pipeline import hashing
 from shipyard.pipeline.hashing import StatCache, default_cache_dir, hash_files
 
@@ -224,3 +226,51 @@ def test_a_stat_cache_creates_its_folders_and_reopens(tmp_path: Path, files: lis
         assert all(again.get(str(p), p.stat()) == digest(p) for p in files)
     finally:
         again.close()
+
+
+@settings(max_examples=25)
+@given(contents=st.integers(0, 40).flatmap(lambda size: st.lists(
+    st.binary(min_size=size, max_size=size), min_size=2, max_size=6)), data=st.data())
+def test_content_keys_are_unchanged_by_renames_and_relabels(contents: list[bytes],
+                                                            data: st.DataObject) -> None:
+    """Property: a dataset's content keys are the sha256 of each file's bytes whatever the files
+    are called or labelled, also when names are swapped under a warm stat cache: the files have
+    one size and one mtime, so only the inode tells them apart."""
+    import json
+    import tempfile
+
+    from shipyard.pipeline.dataset_plan import plan_dataset
+    from shipyard.pipeline.manifest import DatasetFormat, DatasetSpec
+    from shipyard.pipeline.progress import Silent
+
+    n = len(contents)
+    labels = data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
+    relabels = data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
+    order = data.draw(st.permutations(range(n)))  # file i is renamed to the name of file order[i]
+    with tempfile.TemporaryDirectory() as where:
+        root = Path(where)
+
+        def plan(names: list[str], labelled: list[int]) -> dict[bytes, bytes]:
+            entries = [[name, lab, f"c{lab}"] for name, lab in zip(names, labelled, strict=True)]
+            entries += [[f"pad{i}", i, f"c{i}"] for i in range(3)]  # every class named
+            split = root / "split.json"
+            split.write_text(json.dumps({"train": entries, "test": []}))
+            spec = DatasetSpec(name="d", format=DatasetFormat.COOP, root=root / "img",
+                               split_file=split)
+            p = plan_dataset(spec, 1, Silent(), cache_dir=root / "cache")
+            by_path = {r.path: k for r, k in zip(p.data.records, p.keys, strict=True)}
+            return {(root / "img" / name).read_bytes(): by_path[name] for name in names}
+
+        (root / "img").mkdir()
+        names = [f"f{i}.bin" for i in range(n)]
+        for name, body in zip(names, contents, strict=True):
+            (root / "img" / name).write_bytes(body)
+            os.utime(root / "img" / name, ns=(1_700_000_000 * 10**9,) * 2)
+        first = plan(names, labels)
+        for i, name in enumerate(names):  # rename through temporary names: a permutation
+            os.rename(root / "img" / name, root / "img" / f"tmp{i}")
+        for i in range(n):
+            os.rename(root / "img" / f"tmp{i}", root / "img" / names[order[i]])
+        second = plan(names, relabels)
+    want = {body: hashlib.sha256(body).digest() for body in contents}
+    assert first == second == want

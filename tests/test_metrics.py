@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from shipyard.pipeline.metrics import (
     average_rows,
     base_new,
@@ -199,3 +201,37 @@ def test_averages_are_taken_in_float64_whatever_the_input_precision() -> None:
 def test_a_single_seed_keeps_its_text_fields() -> None:
     assert average_rows([{"method": "coop", "base": 5.0}]) == {"method": "coop", "base": 5.0,
                                                                "base_std": 0.0}
+
+
+@st.composite
+def _restricted_case(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """Tie-free logits (each row a permutation of 0..C-1), labels, a class subset and a
+    relabelling permutation of the class ids."""
+    c = draw(st.integers(2, 8))
+    n = draw(st.integers(1, 20))
+    rows = [draw(st.permutations(range(c))) for _ in range(n)]
+    labels = draw(st.lists(st.integers(0, c - 1), min_size=n, max_size=n))
+    classes = draw(st.lists(st.integers(0, c - 1), min_size=1, max_size=c, unique=True))
+    perm = draw(st.permutations(range(c)))
+    return torch.tensor(rows, dtype=torch.float32), torch.tensor(labels), classes, list(perm)
+
+
+@settings(max_examples=60)
+@given(case=_restricted_case())
+def test_restricted_accuracy_is_invariant_to_relabelling_the_classes(
+        case: tuple[torch.Tensor, torch.Tensor, list[int], list[int]]) -> None:
+    """Property: renaming class ids consistently (logit columns, labels and the class list) or
+    listing the classes in another order leaves the accuracy unchanged; and it equals a loop."""
+    logits, labels, classes, perm = case
+    acc = restricted_accuracy(logits, labels, classes)
+    p = torch.tensor(perm)
+    moved = torch.empty_like(logits)
+    moved[:, p] = logits  # class j's column becomes column perm[j]
+    relabelled = restricted_accuracy(moved, p[labels], [perm[c] for c in classes])
+    shuffled = restricted_accuracy(logits, labels, list(reversed(classes)))
+    hits = [max(classes, key=lambda k: float(row[k])) == int(y)
+            for row, y in zip(logits, labels, strict=True) if int(y) in classes]
+    if not hits:
+        assert math.isnan(acc) and math.isnan(relabelled) and math.isnan(shuffled)
+    else:
+        assert acc == relabelled == shuffled == pytest.approx(100.0 * sum(hits) / len(hits))

@@ -7,6 +7,8 @@ import copy
 import open_clip
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from shipyard.pipeline.models import ClipModel
 from shipyard.pipeline.text_encoder import PromptEncoder
 
@@ -152,3 +154,29 @@ def test_empty_batch(encoder: PromptEncoder) -> None:
     prompts = encoder.class_prompts(NAMES)
     out = encoder(torch.zeros(4, encoder.width), torch.zeros(0, dtype=torch.long), prompts)
     assert out.shape == (0, encoder.embed_dim)
+
+
+WORDS = ["cat", "sea", "otter", "golden", "retriever", "x-ray", "t-shirt", "ankle", "boot", "écru",
+         "7", "of", "the", "north", "snowy", "birch", "branch"]
+
+
+@settings(max_examples=20, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=14).map(" ".join),
+                      min_size=1, max_size=4, unique=True),
+       n_ctx=st.integers(1, 6), groups=st.integers(1, 4), batch=st.integers(1, 9),
+       shared=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_truncated_encoding_equals_full_length_for_any_names(
+        clip: ClipModel, names: list[str], n_ctx: int, groups: int, batch: int, shared: bool,
+        seed: int) -> None:
+    """Property: any class names, context length, batch, length groups, and shared or per-sample
+    context: the features cut after the last EOS equal the 77-token ones."""
+    encoder = PromptEncoder.from_clip(clip, length_groups=groups)
+    prompts = encoder.class_prompts(names, n_ctx=n_ctx)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, len(names), (batch,), generator=g)
+    ctx = torch.randn(*(() if shared else (batch,)), n_ctx, encoder.width, generator=g)
+    with torch.no_grad():
+        cut = encoder(ctx, labels, prompts, truncate=True)
+        full = encoder(ctx, labels, prompts, truncate=False)
+    assert cut.shape == (batch, encoder.embed_dim)
+    assert (cut - full).abs().max() <= TOL

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from shipyard.pipeline.cache_index import (
     CacheIndex,
     agreement_report,
@@ -482,3 +484,23 @@ def test_refusing_a_gpu_that_is_not_there_and_hnsw_on_the_gpu(random_cache: dict
             CacheIndex.build(keys, "flat", use_gpu=True)
     for kind in ("flat", "hnsw"):
         assert not CacheIndex.build(keys, kind, use_gpu=False).on_gpu
+
+
+@settings(max_examples=25)
+@given(n=st.integers(1, 60), c=st.integers(1, 6), d=st.sampled_from([2, 8, 32]),
+       b=st.integers(1, 9), alpha=st.floats(0.0, 10.0), beta=st.floats(0.1, 12.0),
+       seed=st.integers(0, 2**31 - 1), budget=st.integers(1, 4))
+def test_flat_faiss_cache_logits_equal_the_dense_formula_for_any_cache(
+        n: int, c: int, d: int, b: int, alpha: float, beta: float, seed: int, budget: int) -> None:
+    """Property: any keys, labels (classes possibly without keys), queries, alpha and beta, and
+    search batches of any size: the exact FAISS cache gives the dense formula's logits."""
+    g = torch.Generator().manual_seed(seed)
+    keys = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    labels = torch.randint(0, c, (n,), generator=g)
+    text = F.normalize(torch.randn(c, d, generator=g), dim=-1)
+    queries = F.normalize(torch.randn(b, d, generator=g), dim=-1)
+    dense = tip_logits(queries, keys, labels, text, alpha, beta)
+    index = CacheIndex.build(keys.numpy(), "flat")
+    got = cache_logits(index, queries, labels, text, alpha, beta, max_elements=budget * n)
+    assert got.shape == (b, c)
+    assert (got - dense).abs().le(1e-4 * dense.abs().clamp(min=1.0)).all()
