@@ -124,3 +124,45 @@ def test_a_few_optimisation_steps_reduce_the_loss(clip: ClipModel,
     with torch.no_grad():
         after = loss(0).item()
     assert after < 0.9 * before
+
+
+def test_ship_loss_sums_over_feature_dims_and_averages_over_the_batch() -> None:
+    """Three samples of two dims (not square, so the two axes cannot stand in for each other);
+    the KL term at unit variance is half the squared mean; the default KL weight is 1."""
+    x = torch.zeros(3, 2)
+    x_hat = torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 0.0]])  # squared norms 5, 0, 9
+    mu = torch.tensor([[-1.0, 2.0], [0.0, 0.0], [3.0, 0.0]])  # KL 2.5, 0, 4.5 at logvar 0
+    total, recon, kl = ship_loss(x_hat, x, mu, torch.zeros(3, 2))
+    assert recon.item() == pytest.approx(14 / 3)
+    assert kl.item() == pytest.approx(7 / 3)
+    assert total.item() == pytest.approx(7.0)
+
+
+def test_encoder_and_generator_layers(encoder: PromptEncoder) -> None:
+    """Encoder Linear(D, H) + ReLU; generator Linear(L, G), ReLU (LeakyReLU(0.2) in the ImageNet
+    variant), Linear(G, W); the global prompt (n, W)."""
+    model = _model(encoder)
+    assert [type(m) for m in model.encoder] == [torch.nn.Linear, torch.nn.ReLU]
+    assert model.encoder[0].in_features == encoder.embed_dim
+    assert model.encoder[0].out_features == SMALL.encoder_hidden
+    assert [type(m) for m in model.bias_generator] == [torch.nn.Linear, torch.nn.ReLU,
+                                                        torch.nn.Linear]
+    assert model.bias_generator[2].out_features == encoder.width
+    assert model.prompt.shape == (SMALL.n_ctx, encoder.width)
+
+
+def test_forward_reparameterises_z_as_mu_plus_eps_times_sigma(encoder: PromptEncoder) -> None:
+    """z = mu + eps * exp(logvar / 2), eps from the caller's generator: with mu = 0.5 and
+    logvar = log 4 everywhere, z = 0.5 + 2 eps."""
+    model = _model(encoder)
+    for head, value in ((model.mu_head, 0.5), (model.logvar_head, math.log(4.0))):
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.constant_(head.bias, value)
+    seen: list[torch.Tensor] = []
+    decode = model.decode
+    model.decode = lambda z, labels, prompts: seen.append(z) or decode(z, labels, prompts)  # type: ignore[method-assign]
+    x, labels = _batch(encoder.embed_dim, n=4)
+    model(x, labels, encoder.class_prompts(NAMES, n_ctx=SMALL.n_ctx),
+          generator=torch.Generator().manual_seed(5))
+    eps = torch.randn(4, SMALL.latent_dim, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(seen[0], 0.5 + 2.0 * eps)

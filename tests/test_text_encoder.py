@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shipyard.pipeline.errors import UsageError
 from shipyard.pipeline.models import ClipModel
 from shipyard.pipeline.text_encoder import PromptEncoder
 
@@ -180,3 +181,104 @@ def test_truncated_encoding_equals_full_length_for_any_names(
         full = encoder(ctx, labels, prompts, truncate=False)
     assert cut.shape == (batch, encoder.embed_dim)
     assert (cut - full).abs().max() <= TOL
+
+
+def _tiny(custom: bool, **text: object) -> torch.nn.Module:
+    """The tiny test CLIP with some text-tower settings changed, as either open_clip class."""
+    import json
+    from pathlib import Path
+
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = json.loads((Path(__file__).resolve().parent.parent / "pipeline" / "model_configs" /
+                      "shipyard-tiny.json").read_text())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        klass = CustomTextCLIP if custom else CLIP
+        return klass(cfg["embed_dim"], cfg["vision_cfg"], {**cfg["text_cfg"], **text}).eval()
+
+
+EOS_POOL = {"pool_type": "eos", "eos_id": 49407}
+
+
+@pytest.mark.parametrize(("custom", "text"), [
+    (False, EOS_POOL), (True, EOS_POOL), (False, {"proj_type": "none"}),
+    (True, {"proj_type": "none"}), (True, {"proj_bias": True})],  # only CustomTextCLIP: Linear
+    ids=["eos-pool", "custom-eos-pool", "no-projection", "custom-no-projection",
+         "custom-linear-projection"])
+def test_other_text_towers_reproduce_open_clip_encode_text(clip: ClipModel, custom: bool,
+                                                           text: dict[str, object]) -> None:
+    """Pooling at the first EOS id (not the highest token id), no text projection, and a Linear
+    projection, on open_clip's CLIP and CustomTextCLIP: features equal `encode_text`."""
+    model = _tiny(custom, **text)
+    encoder = PromptEncoder(model, clip.tokenizer)
+    assert encoder.pool_type == text.get("pool_type", "argmax")
+    with torch.no_grad():
+        ours = encoder(encoder.context_from_text("a photo of a"), torch.arange(len(NAMES)),
+                       encoder.class_prompts(NAMES))
+    assert (ours - _open_clip_reference(model, clip.tokenizer)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize(("custom", "text", "message"), [
+    (True, {"embed_cls": True}, r"^text towers with an appended CLS token \(CoCa\) are not supported$"),
+    (False, {"no_causal_mask": True}, r"^prompt injection needs a causal text transformer$"),
+    (True, {"no_causal_mask": True}, r"^prompt injection needs a causal text transformer$"),
+    (False, {"pool_type": "first"}, r"^text pool type 'first': only 'argmax' and 'eos' pool at the "
+                                    r"EOS token$"),
+])
+def test_text_towers_it_cannot_inject_into_are_refused(clip: ClipModel, custom: bool,
+                                                      text: dict[str, object], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        PromptEncoder(_tiny(custom, **text), clip.tokenizer)
+
+
+def test_a_model_without_a_text_tower_is_refused_by_type(clip: ClipModel) -> None:
+    with pytest.raises(UsageError, match=r"^Linear: no open_clip text transformer to inject into$"):
+        PromptEncoder(torch.nn.Linear(2, 2), clip.tokenizer)
+
+
+def test_fp32_weights_are_shared_and_nothing_is_trainable(clip: ClipModel) -> None:
+    model = _tiny(False)
+    assert all(p.requires_grad for p in model.parameters())
+    encoder = PromptEncoder(model, clip.tokenizer)
+    assert encoder.text_projection is model.text_projection  # shared, not copied
+    assert encoder.transformer is model.transformer
+    assert not any(p.requires_grad for p in encoder.parameters())
+    assert "attn_mask" not in encoder.state_dict()  # derived from the model, never saved
+    assert encoder.length_groups == 1 and PromptEncoder.from_clip(clip).length_groups == 1
+    assert PromptEncoder.from_clip(clip, length_groups=3).length_groups == 3
+
+
+@pytest.mark.parametrize(("groups", "truncate", "calls"), [
+    (1, None, 1), (1, True, 1), (1, False, 1), (3, None, 3), (3, True, 3), (3, False, 1)])
+def test_each_group_is_encoded_up_to_its_last_eos_by_default(
+        clip: ClipModel, groups: int, truncate: bool | None, calls: int) -> None:
+    """The sequence lengths the transformer sees: one pass cut after the batch's last EOS, or one
+    pass per length group cut after each group's last EOS; 77 without truncation."""
+    encoder = PromptEncoder.from_clip(clip, length_groups=groups)
+    prompts = encoder.class_prompts(NAMES)
+    lengths: list[int] = []
+    hook = encoder.transformer.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    labels = torch.tensor([0, 0, 1, 2, 1, 0])  # by length: 0 0 0 | 1 1 | 2
+    try:
+        with torch.no_grad():
+            kwargs = {} if truncate is None else {"truncate": truncate}
+            encoder(torch.randn(4, encoder.width), labels, prompts, **kwargs)
+    finally:
+        hook.remove()
+    eos = prompts.eos.tolist()
+    if truncate is False:
+        want = [prompts.tokens.shape[1]]
+    elif groups == 1:
+        want = [max(eos) + 1]
+    else:
+        want = [eos[0] + 1, eos[1] + 1, eos[2] + 1]
+    assert len(lengths) == calls and lengths == want
+
+
+def test_context_of_another_dtype_is_cast_to_the_encoders(encoder: PromptEncoder) -> None:
+    prompts = encoder.class_prompts(NAMES)
+    ctx = torch.randn(4, encoder.width)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(ctx.double(), LABELS, prompts),
+                                   encoder(ctx, LABELS, prompts))
