@@ -117,3 +117,14 @@ def test_a_class_missing_from_the_synthetic_domain_is_one_clear_error() -> None:
         _draw(_pool([0, 2]), torch.tensor([1]), torch.tensor([2]), 0)
     with pytest.raises(UsageError, match="at least one new class"):
         batch_labels(torch.tensor([0]), torch.tensor([], dtype=torch.long), torch.Generator())
+
+
+def test_the_missing_classes_are_listed_six_at_most_in_one_sentence() -> None:
+    pool = DomainPool(F.normalize(torch.randn(1, 4), dim=-1), torch.ones(1), torch.tensor([0]))
+    with pytest.raises(UsageError, match=r"^the synthetic domain has no image of class id\(s\) "
+                                         r"1, 2, 3, 4, 5, 6: SYNC-CLIP needs every class \(base "
+                                         r"and new\) in it$"):
+        pool.draw(torch.arange(8), torch.Generator().manual_seed(0))
+    with pytest.raises(UsageError, match=r"^SYNC-CLIP's synthetic batch needs at least one new "
+                                         r"class$"):
+        batch_labels(torch.tensor([0]), torch.tensor([], dtype=torch.long), torch.Generator())
