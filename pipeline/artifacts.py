@@ -90,7 +90,6 @@ class Draft:
     ref: Ref
     group: zarr.Group
     resumed: bool
-    record: dict[str, Any]
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -140,13 +139,13 @@ def begin(root: zarr.Group, ref: Ref, record: dict[str, Any], read_only: bool,
     found = partial(root, ref)
     if found is not None and ref.kind.resumable and resume and \
             attrs_of(found).get("record", {}).get("key") == ref.key:
-        return Draft(ref, found, True, record)
+        return Draft(ref, found, True)
     parent_path, _, name = ref.path.rpartition("/")
     parent = _ensure(root, parent_path)
     refuse_links(root, ref.path)  # what is replaced must lie inside the store, link-free
     group = parent.create_group(name, overwrite=True, attributes={
         "kind": ref.kind.name, "key": ref.key, "record": record, "complete": False})
-    return Draft(ref, group, False, record)
+    return Draft(ref, group, False)
 
 
 def commit(root: zarr.Group, draft: Draft, attrs: dict[str, Any], device: str | None = None) -> None:

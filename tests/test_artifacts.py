@@ -125,6 +125,14 @@ def test_a_path_through_an_array_or_an_absent_group_finds_nothing(root: zarr.Gro
     assert lookup(root, Ref.text_set("missing", KEY)) is None
 
 
+def test_provenance_counts_the_seconds_since_the_draft_began_to_the_millisecond(
+        root: zarr.Group, monkeypatch: pytest.MonkeyPatch) -> None:
+    group = root.create_group("g")
+    monkeypatch.setattr(artifacts.time, "perf_counter", lambda: 11.23456)
+    commit(root, Draft(Ref.of(RUN, KEY), group, False, started=10.0), {})
+    assert group.attrs["provenance"]["seconds"] == 1.235
+
+
 def test_commit_writes_provenance_then_the_complete_marker(root: zarr.Group) -> None:
     draft = begin(root, Ref.of(RUN, KEY), _record(), read_only=False)
     commit(root, draft, {"rows": 3}, device="cuda:0")
@@ -151,7 +159,7 @@ def test_the_complete_marker_is_the_last_write(root: zarr.Group) -> None:
         def update_attributes(self, new: dict[str, Any]) -> None:
             writes.extend(sorted(new))
 
-    draft = Draft(Ref.of(CACHE, KEY), Group(), False, _record())  # type: ignore[arg-type]
+    draft = Draft(Ref.of(CACHE, KEY), Group(), False)  # type: ignore[arg-type]
     commit(root, draft, {"keys": 5})
     assert writes == ["keys", "provenance", "complete"]
     assert Group.attrs == {"complete": True}
@@ -199,13 +207,16 @@ def test_an_interrupted_generator_is_resumed_with_what_it_wrote(root: zarr.Group
     assert root[ref.path].attrs["provenance"]["resumed"] is True
 
 
-@pytest.mark.parametrize("case", ["not resumable", "resume off", "another record key"])
+@pytest.mark.parametrize("case", ["not resumable", "resume off", "another record key",
+                                  "no record"])
 def test_an_interrupted_artefact_is_otherwise_replaced_by_an_empty_group(
         root: zarr.Group, case: str) -> None:
     kind = ADAPTER if case == "not resumable" else GENERATOR
     ref = _interrupted(root, kind)
     if case == "another record key":
         root[ref.path].attrs["record"] = _record("other")
+    if case == "no record":  # begun by a version that stored none
+        del root[ref.path].attrs["record"]
     draft = begin(root, ref, _record(), read_only=False, resume=case != "resume off")
     assert not draft.resumed
     assert "checkpoint" not in draft.group and not list(draft.group.array_keys())
@@ -285,6 +296,23 @@ def test_slots_take_the_later_of_two_artefacts_built_the_same_second(root: zarr.
     assert Slots.scan(root, (CACHE, ADAPTER)).by_job["j"]["record"]["params"] == {"epochs": 5}
 
 
+def test_an_artefact_without_a_creation_time_counts_as_the_oldest(root: zarr.Group) -> None:
+    _built(root, ADAPTER, "1" * 64, "j", "2026-01-02", {"epochs": 5}, {})
+    _built(root, CACHE, "2" * 64, "j", "2026-01-01", {"epochs": 6}, {})
+    prov = dict(root[f"caches/{'2' * 64}"].attrs["provenance"])
+    del prov["created"]
+    root[f"caches/{'2' * 64}"].attrs["provenance"] = prov
+    for order in ((ADAPTER, CACHE), (CACHE, ADAPTER)):
+        assert Slots.scan(root, order).by_job["j"]["record"]["params"] == {"epochs": 5}
+
+
+def test_why_reads_a_record_without_params_or_inputs_as_empty(root: zarr.Group) -> None:
+    draft = begin(root, Ref.of(ADAPTER, KEY), {"key": KEY, "job": "j"}, read_only=False)
+    commit(root, draft, {})
+    assert Slots.scan(root).why("j", {"epochs": 3}, {"train": "k"}) == (
+        "params.epochs None -> 3; input train changed")
+
+
 def test_why_names_what_changed_since_the_last_build(root: zarr.Group) -> None:
     _built(root, ADAPTER, "1" * 64, "j", "2026-01-02",
            {"epochs": 3, "opt": {"lr": 0.1, "wd": 0}, "gone": 1}, {"train": "k1", "val": "v1"})
@@ -297,6 +325,8 @@ def test_why_names_what_changed_since_the_last_build(root: zarr.Group) -> None:
         "params.gone 1 -> None; params.opt.lr 0.1 -> 0.2; input test changed; input train changed")
     assert slots.why("j", {"epochs": 3, "opt": {"lr": 0.1, "wd": 0}, "gone": 1},
                      {"train": "k1"}) == "input val changed"
+    assert slots.why("j", {"epochs": 3, "opt": 5, "gone": 1}, {"train": "k1", "val": "v1"}) == (
+        "params.opt {'lr': 0.1, 'wd': 0} -> 5")
     assert slots.why("j", {"epochs": 3, "opt": {"lr": 0.1, "wd": 0}, "gone": 1},
                      {"train": "k1", "val": "v1"}) == "built under another key (kind version changed)"
 

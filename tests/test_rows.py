@@ -83,6 +83,7 @@ def test_readers_see_exactly_the_committed_prefix_under_any_interleaving(
                     arr = table.array(name)
                     arr.resize((max(stop, arr.shape[0]), *arr.shape[1:]))
                     arr[table.rows:stop] = 7
+                assert _visible(table) == committed  # what it left is never read
             writer = table.writer()
             buffered = []
         assert table.rows == len(committed)
