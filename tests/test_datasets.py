@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 from shipyard.pipeline.datasets import (
     DatasetError,
+    Failure,
     Split,
     base_new_split,
     class_counts,
@@ -390,3 +392,27 @@ def test_protocol_warnings_name_one_class_sides_and_a_missing_val_split() -> Non
 def test_class_counts_include_classes_without_images() -> None:
     assert class_counts([2, 0, 2], num_classes=4) == [1, 0, 2, 0]
     assert class_counts([], num_classes=2) == [0, 0]
+
+
+@pytest.mark.parametrize("tops", [("",), ("train/", "test/")], ids=["class-folders", "split-folders"])
+def test_image_folder_errors_name_the_dataset_and_the_folder(tmp_path: Path, tops: tuple[str, ...]) -> None:
+    for top in tops:
+        for cls in ("tree_frog", "tree frog"):
+            _png(tmp_path / f"{top}{cls}" / "x.png")
+    spec = DatasetSpec(name="f", format=DatasetFormat.IMAGEFOLDER, root=tmp_path)
+    with pytest.raises(DatasetError, match=rf"^dataset f: image folder {re.escape(str(tmp_path))}: "
+                                           r"labels 0 and 1 are both named 'tree frog' \('_' reads "
+                                           r"as a space\); class names must differ$"):
+        read_dataset(spec)
+
+
+def test_label_gaps_are_listed_five_at_most(tmp_path: Path) -> None:
+    rows = ", ".join(f'["{i}.png", {i}, "c{i}"]' for i in (0, 7))
+    with pytest.raises(DatasetError, match=r"labels must be 0\.\.7 without gaps; missing "
+                                           r"\[1, 2, 3, 4, 5\]$"):
+        read_dataset(_coop(tmp_path, f'{{"train": [{rows}], "test": []}}'))
+
+
+def test_a_failure_is_reported_as_its_path_and_reason() -> None:
+    assert Failure("a/b.png", "file not found").to_dict() == {"path": "a/b.png",
+                                                             "reason": "file not found"}
