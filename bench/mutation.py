@@ -6,6 +6,7 @@ open survivors and the score killed / (mutants - accepted), then every open surv
 
     bash bench/mutation.sh                         # every module listed in pyproject.toml
     bash bench/mutation.sh pipeline/metrics.py     # one module
+    bash bench/mutation.sh --report-only           # the last run's table, after a review
 """
 
 from __future__ import annotations
@@ -71,15 +72,22 @@ def stage(module: str, tests: list[str], where: Path, config: dict) -> None:
     (where / "pyproject.toml").write_text("\n".join(lines) + "\n")
 
 
-def run_module(module: str, tests: list[str], work: Path, config: dict) -> Outcome:
+def run_module(module: str, tests: list[str], work: Path, config: dict,
+               rerun: bool = True) -> Outcome:
+    """Mutate one module in its staging folder and collect the verdicts; without `rerun`, only
+    collect those of the last run there (to re-print the table after reviewing survivors)."""
     where = work / module.replace("/", "_").removesuffix(".py")
-    stage(module, tests, where, config)
     env = {**os.environ, "SHIPYARD_CACHE_DIR": str(where / "stat-cache"), "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    with open(where / "mutmut.log", "w") as log:
-        subprocess.run(["mutmut", "run"], cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT,
-                       check=False)
-    out = Outcome(module, seconds=time.perf_counter() - start)
+    if rerun:
+        stage(module, tests, where, config)
+        start = time.perf_counter()
+        with open(where / "mutmut.log", "w") as log:
+            subprocess.run(["mutmut", "run"], cwd=where, env=env, stdout=log,
+                           stderr=subprocess.STDOUT, check=False)
+        (where / "seconds").write_text(f"{time.perf_counter() - start:.1f}\n")
+    elif not (where / "seconds").is_file():
+        sys.exit(f"{module}: no finished run in {where} (run without --report-only first)")
+    out = Outcome(module, seconds=float((where / "seconds").read_text()))
     listing = subprocess.run(["mutmut", "results", "--all", "true"], cwd=where, env=env,
                              capture_output=True, text=True, check=False).stdout
     for line in listing.splitlines():
@@ -136,6 +144,8 @@ def main() -> None:
     p.add_argument("modules", nargs="*", help="module paths as in pyproject.toml (default: all)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "shipyard-mutation",
                    help="staging folder (one subfolder per module, replaced on each run)")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-print the table from the last run in --work, mutating nothing")
     args = p.parse_args()
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     table = config["tool"]["shipyard"]["mutation"]
@@ -147,7 +157,8 @@ def main() -> None:
     outcomes = []
     for module in args.modules or list(table):
         print(f"mutating {module} ...", file=sys.stderr, flush=True)
-        outcomes.append(run_module(module, table[module], args.work, config))
+        outcomes.append(run_module(module, table[module], args.work, config,
+                                   rerun=not args.report_only))
     report(outcomes, read_accepted())
 
 

@@ -189,9 +189,10 @@ def _tiny(custom: bool, **text: object) -> torch.nn.Module:
     from pathlib import Path
 
     from open_clip.model import CLIP, CustomTextCLIP
+    from shipyard.pipeline import models
 
-    cfg = json.loads((Path(__file__).resolve().parent.parent / "pipeline" / "model_configs" /
-                      "shipyard-tiny.json").read_text())
+    cfg = json.loads((Path(models.__file__).parent / "model_configs" / "shipyard-tiny.json")
+                     .read_text())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         klass = CustomTextCLIP if custom else CLIP
