@@ -156,7 +156,8 @@ def main() -> None:
         sys.exit("mutmut is not installed: pip install -e '.[dev]'")
     outcomes = []
     for module in args.modules or list(table):
-        print(f"mutating {module} ...", file=sys.stderr, flush=True)
+        print(f"{'reading' if args.report_only else 'mutating'} {module} ...", file=sys.stderr,
+              flush=True)
         outcomes.append(run_module(module, table[module], args.work, config,
                                    rerun=not args.report_only))
     report(outcomes, read_accepted())
