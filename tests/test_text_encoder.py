@@ -233,6 +233,11 @@ def test_text_towers_it_cannot_inject_into_are_refused(clip: ClipModel, custom: 
         PromptEncoder(_tiny(custom, **text), clip.tokenizer)
 
 
+def test_fewer_than_one_length_group_is_refused(clip: ClipModel) -> None:
+    with pytest.raises(UsageError, match=r"^length_groups must be >= 1, got 0$"):
+        PromptEncoder.from_clip(clip, length_groups=0)
+
+
 def test_a_model_without_a_text_tower_is_refused_by_type(clip: ClipModel) -> None:
     with pytest.raises(UsageError, match=r"^Linear: no open_clip text transformer to inject into$"):
         PromptEncoder(torch.nn.Linear(2, 2), clip.tokenizer)
@@ -251,7 +256,8 @@ def test_fp32_weights_are_shared_and_nothing_is_trainable(clip: ClipModel) -> No
 
 
 @pytest.mark.parametrize(("groups", "truncate", "calls"), [
-    (1, None, 1), (1, True, 1), (1, False, 1), (3, None, 3), (3, True, 3), (3, False, 1)])
+    (1, None, 1), (1, True, 1), (1, False, 1), (2, None, 2), (3, None, 3), (3, True, 3),
+    (3, False, 1)])
 def test_each_group_is_encoded_up_to_its_last_eos_by_default(
         clip: ClipModel, groups: int, truncate: bool | None, calls: int) -> None:
     """The sequence lengths the transformer sees: one pass cut after the batch's last EOS, or one
@@ -272,6 +278,8 @@ def test_each_group_is_encoded_up_to_its_last_eos_by_default(
         want = [prompts.tokens.shape[1]]
     elif groups == 1:
         want = [max(eos) + 1]
+    elif groups == 2:
+        want = [eos[0] + 1, eos[2] + 1]
     else:
         want = [eos[0] + 1, eos[1] + 1, eos[2] + 1]
     assert len(lengths) == calls and lengths == want
