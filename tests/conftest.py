@@ -57,6 +57,10 @@ def pytest_configure(config: pytest.Config) -> None:
     home.mkdir()
     for var in HOME_VARS:
         os.environ[var] = str(home if var == "HOME" else home / var.lower())
+    # Module-scoped fixtures start before each test's own stat cache: theirs is the session's.
+    os.environ["SHIPYARD_CACHE_DIR"] = str(session / "cache")
+    for var in ("RUSTUP_HOME", "CARGO_HOME"):  # tool proxies that a build may call write there
+        os.environ.setdefault(var, str(session / var.lower()))
     config._write_guard = (home, tree_files(ROOT), dict(os.environ))  # type: ignore[attr-defined]
 
 
