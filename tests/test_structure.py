@@ -142,8 +142,9 @@ def test_a_test_writing_into_home_or_leaking_environment_fails_the_session(tmp_p
     """The session guard of tests/conftest.py: HOME points into an empty folder of the session,
     and whatever lands there, or stays changed in os.environ, fails the run by name."""
     (tmp_path / "test_stray.py").write_text(STRAY)
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
-                          "tests.conftest", str(tmp_path / "test_stray.py")], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", str(ROOT / "pyproject.toml"),
+                          "-p", "no:cacheprovider", "-p", "tests.conftest",
+                          str(tmp_path / "test_stray.py")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "1 passed" in out.stdout
