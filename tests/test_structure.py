@@ -139,11 +139,12 @@ def test_writes_outside_its_folder():
 
 
 def test_a_test_writing_into_home_or_leaking_environment_fails_the_session(tmp_path: Path) -> None:
-    """The session guard of tests/conftest.py: HOME points into an empty folder of the session,
-    and whatever lands there, or stays changed in os.environ, fails the run by name."""
+    """The session guard (tests/write_guard.py, loaded by tests/conftest.py): HOME points into an
+    empty folder of the session, and whatever lands there, or stays changed in os.environ, fails
+    the run by name."""
     (tmp_path / "test_stray.py").write_text(STRAY)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", str(ROOT / "pyproject.toml"),
-                          "-p", "no:cacheprovider", "-p", "tests.conftest",
+                          "-p", "no:cacheprovider", "-p", "tests.write_guard",
                           str(tmp_path / "test_stray.py")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr
