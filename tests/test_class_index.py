@@ -242,22 +242,66 @@ def test_a_class_with_no_more_keys_than_subclusters_gets_its_plain_mean() -> Non
         assert sizes.tolist() == [3.0]
 
 
-def test_empty_subclusters_are_dropped_and_singletons_kept_as_their_key() -> None:
-    """Keys at two points only, asked for three clusters: at most two survive, each the mean of
-    its own keys; a lone outlier is a cluster of one, its mean the outlier itself."""
-    a, b = F.normalize(torch.ones(D), dim=0), F.normalize(torch.arange(D, dtype=torch.float), dim=0)
-    keys = torch.stack([a] * 20 + [b] * 20)
+def _first_centres(n: int, m: int, seed: int) -> list[int]:
+    """The keys class_kmeans starts from (its docstring: m distinct keys drawn by a generator
+    seeded with `seed`)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].tolist()
+
+
+def _seed_starting_at(n: int, pattern: list[set[int]]) -> int:
+    """The first seed whose first centres are one key of each set of `pattern`, in that order."""
+    return next(s for s in range(10_000)
+                if all(k in allowed for k, allowed in zip(_first_centres(n, len(pattern), s),
+                                                          pattern, strict=True)))
+
+
+def _angles(*degrees: float) -> torch.Tensor:
+    rad = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return torch.stack([rad.cos(), rad.sin()], dim=1)
+
+
+def test_keys_at_one_point_make_one_cluster_and_the_other_clusters_are_dropped() -> None:
+    """Every first centre is the same point: ties go to the first cluster, and the others (the
+    last included) stay empty and are dropped."""
+    keys = F.normalize(torch.ones(12, D), dim=1)
     means, sizes = class_kmeans(keys, 3, seed=0)
-    assert bool((sizes > 0).all()) and float(sizes.sum()) == 40 and len(means) <= 2
+    assert sizes.tolist() == [12.0]
+    torch.testing.assert_close(means, keys[:1])
+
+
+def test_a_lone_key_is_a_cluster_of_one_whose_mean_is_that_key() -> None:
+    """Keys at two points and one outlier opposite both, the outlier among the first centres."""
+    a, b = F.normalize(torch.ones(D), dim=0), F.normalize(torch.arange(D, dtype=torch.float), dim=0)
     outlier = F.normalize(-torch.ones(D), dim=0)
-    many, _ = mixture(60, seed=9)
-    keys = torch.cat([many, outlier[None]])
-    for seed in range(4):
-        means, sizes = class_kmeans(keys, 3, seed=seed)
-        assert float(sizes.sum()) == 61 and bool((sizes > 0).all())
-        lone = sizes == 1
-        if bool(lone.any()):
-            torch.testing.assert_close(means[lone][0], outlier)
+    keys = torch.stack([a] * 20 + [b] * 20 + [outlier])
+    seed = _seed_starting_at(41, [set(range(20)), set(range(20, 40)), {40}])
+    means, sizes = class_kmeans(keys, 3, seed=seed)
+    assert sizes.tolist() == [20.0, 20.0, 1.0]
+    torch.testing.assert_close(means, torch.stack([a, b, outlier]))
+
+
+def test_an_emptied_cluster_keeps_its_centre_and_wins_keys_back() -> None:
+    """Two first centres on the same point (keys 0 and 1 are equal): the second loses the tie and
+    is empty after the first pass, but keeps its place, so once the first centre has moved to
+    the mean of its keys (about 42 degrees) the two keys at 0 degrees come back to it."""
+    keys = _angles(0, 0, 60, 70, 80, 180, 180)
+    seed = _seed_starting_at(7, [{0, 1}, {5, 6}, {0, 1}])
+    means, sizes = class_kmeans(keys, 3, seed=seed)
+    assert sizes.tolist() == [3.0, 2.0, 2.0]
+    torch.testing.assert_close(means, torch.stack([keys[2:5].mean(0), keys[5], keys[0]]))
+
+
+def test_subclusters_partition_the_keys_for_any_keys() -> None:
+    """Whatever the keys and seed: sizes count every key once, and the sizes times the raw means
+    add up to the sum of the keys (each mean is the mean of its own keys, singletons included)."""
+    g = torch.Generator().manual_seed(0)
+    for case in range(300):
+        n, dim, m = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in
+                     ((4, 12), (2, 4), (2, 4)))
+        keys = F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1)
+        means, sizes = class_kmeans(keys, m, seed=case)
+        assert float(sizes.sum()) == n and bool((sizes >= 1).all()) and len(means) <= m, case
+        torch.testing.assert_close((sizes[:, None] * means).sum(0), keys.sum(0), msg=str(case))
 
 
 def test_subclusters_are_assigned_by_cosine_not_by_dot_product() -> None:

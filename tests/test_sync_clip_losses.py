@@ -14,6 +14,7 @@ from shipyard.pipeline.sync_losses import (
     align_loss,
     batch_labels,
     mean_abs_distance,
+    pool_rows,
     syn_loss,
     total_loss,
 )
@@ -110,6 +111,20 @@ def test_the_synthetic_batch_pairs_each_real_label_then_draws_new_classes() -> N
         seen_new.update(pool.labels[idx[3:]].tolist())
     assert seen_rows == {0, 1} and seen_new == {2, 3}  # uniform among rows, and among new classes
     assert torch.equal(_draw(pool, real, new, 7), _draw(pool, real, new, 7))
+
+
+def test_pool_rows_are_drawn_by_the_generator_given_not_the_global_one() -> None:
+    """The same generator seed draws the same rows whatever the global RNG holds (64 classes of
+    8 rows, 256 draws: the global RNG's draws for two seeds would differ)."""
+    labels = torch.arange(64).repeat_interleave(8)
+    wanted = torch.arange(64).repeat(4)
+    draws = []
+    with torch.random.fork_rng():
+        for global_seed in (1, 2):
+            torch.manual_seed(global_seed)
+            draws.append(pool_rows(wanted, labels, torch.Generator().manual_seed(5)))
+    assert torch.equal(draws[0], draws[1])
+    assert torch.equal(labels[draws[0]], wanted)
 
 
 def test_a_class_missing_from_the_synthetic_domain_is_one_clear_error() -> None:

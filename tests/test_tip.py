@@ -477,6 +477,15 @@ def test_agreement_report_scores_both_sides_at_the_logit_scale_given(random_cach
     assert default["top1_agreement"] == at_100 != report["top1_agreement"]
 
 
+def test_agreement_is_measured_at_clips_logit_scale_by_default() -> None:
+    """Without a logit scale, both sides are scored at CLIP's 100 (the scale weighs the zero-shot
+    term against the cache term, so the agreement measured depends on it)."""
+    import inspect
+
+    assert inspect.signature(agreement_report).parameters["logit_scale"].default == 100.0
+    assert inspect.signature(cache_logits).parameters["logit_scale"].default == 100.0
+
+
 def test_refusing_a_gpu_that_is_not_there_and_hnsw_on_the_gpu(random_cache: dict) -> None:
     keys = random_cache["keys"].numpy()[:50]
     if not torch.cuda.is_available():
