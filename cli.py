@@ -433,6 +433,23 @@ def store_verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     _run(g, as_json, work, cli_text.verify_text, ok=lambda s: bool(s["ok"]))
 
 
+@store_app.command("unlock")
+def store_unlock(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Remove the writer lock a killed writer left beside a store on S3 (only when that writer is
+    gone: a live one cannot be told from a dead one there). Local locks die with their writer."""
+    from .pipeline.locations import LOCK_SUFFIX, break_lock
+
+    g: Globals = ctx.obj
+
+    def work() -> dict[str, Any]:
+        location, options = g.store_location()
+        holder = break_lock(location, options)
+        return {"store": location, "lock": location.rstrip("/") + LOCK_SUFFIX,
+                "removed": holder is not None, "holder": holder}
+
+    _run(g, as_json, work, cli_text.unlock_text)
+
+
 @manifest_app.command("schema")
 def manifest_schema() -> None:
     """Print the manifest's JSON Schema (for editors: yaml-language-server, VS Code, ...)."""

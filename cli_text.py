@@ -158,6 +158,14 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def unlock_text(s: Summary) -> str:
+    if not s["removed"]:
+        return f"{s['store']}: no writer lock"
+    h = s["holder"] or {}
+    return (f"removed the writer lock {s['lock']} (held by {h.get('host', '?')} pid "
+            f"{h.get('pid', '?')} since {h.get('since', '?')})")
+
+
 def verify_text(s: Summary) -> str:
     counts = ", ".join(f"{n} {k}" for k, n in s["checked"].items()) or "nothing"
     head = f"verify {s['store']}: {'ok' if s['ok'] else 'FAILED'} (checked {counts})"

@@ -1,15 +1,26 @@
 """Where a store lives and who may write it: local folders and fsspec URLs, zarr store objects,
-the writer lock beside local stores, and the sweep of a killed writer's temporary files."""
+the writer lock beside every store (a file lock beside a local one, a lock object created by a
+conditional write beside one on object storage), and the sweep of a killed writer's temporary
+files."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import re
+import secrets
+import socket
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreError, StoreLockedError
+from .errors import StoreError, StoreLockedError, StoreMissingError
+
+LOCK_SUFFIX = ".lock"
+# Object stores whose fsspec backend creates an object atomically only if it does not exist
+# (s3fs: PutObject with If-None-Match: *). Any other backend is never written.
+CONDITIONAL_PROTOCOLS = {"s3", "s3a"}
 
 
 def is_url(location: str) -> bool:
@@ -38,22 +49,16 @@ def zarr_store(location: str, read_only: bool, options: dict[str, Any] | None) -
 
 
 def store_exists(location: str, options: dict[str, Any] | None) -> bool:
-    if is_url(location) and not location.startswith("file://"):
-        import fsspec
-
-        try:
-            fs, path = fsspec.core.url_to_fs(location, **(options or {}))
-            return bool(fs.exists(f"{path.rstrip('/')}/zarr.json"))
-        except ImportError as exc:
-            raise StoreError(f"{location}: the fsspec backend is not installed ({exc}); "
-                             "for s3:// install shipyard[s3]") from None
+    if is_object_store(location):
+        fs, path = _object_fs(location, options)
+        return bool(fs.exists(f"{path}/zarr.json"))
     return (Path(location.removeprefix("file://")) / "zarr.json").is_file()
 
 
 def sweep_partials(location: str) -> None:
     """Remove the temporary files of metadata writes a killed writer left in group folders.
     Safe only under the writer lock; chunk folders (`c/`) are not walked, so this stays cheap."""
-    if is_url(location) and not location.startswith("file://"):
+    if is_object_store(location):
         return
     root = Path(location.removeprefix("file://"))
     for folder, dirs, files in os.walk(root):
@@ -64,22 +69,27 @@ def sweep_partials(location: str) -> None:
                     os.remove(os.path.join(folder, name))
 
 
-def take_lock(location: str) -> Any | None:
-    """The writer's exclusive lock on `<store>.lock`, beside the store's real path: two writers of
-    one store exclude each other whichever path (relative, absolute, through a symlink) they
-    name it by. Object stores have no lock and rely on one writer."""
+def is_object_store(location: str) -> bool:
+    return is_url(location) and not location.startswith("file://")
+
+
+def take_lock(location: str, options: dict[str, Any] | None = None) -> Any:
+    """The writer's exclusive lock. Beside a local store, `<store>.lock` held with an OS file lock,
+    beside the store's real path: two writers of one store exclude each other whichever path
+    (relative, absolute, through a symlink) they name it by, and a killed writer's lock dies with
+    it. Beside a store on object storage, the lock object `<store>.lock` (`ObjectLock`)."""
     from filelock import FileLock, Timeout
 
-    if is_url(location) and not location.startswith("file://"):
-        return None
+    if is_object_store(location):
+        return ObjectLock.take(location, options)
     path = Path(location.removeprefix("file://")).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(f"{path}.lock", timeout=0)
+    lock = FileLock(f"{path}{LOCK_SUFFIX}", timeout=0)
     try:
         lock.acquire()
     except Timeout:
         raise StoreLockedError(f"{location} is being written by another process "
-                               f"(lock {path}.lock)") from None
+                               f"(lock {path}{LOCK_SUFFIX})") from None
     return lock
 
 
@@ -87,6 +97,107 @@ def release_lock(lock: Any | None) -> None:
     if lock is not None:
         with suppress(OSError):
             lock.release()
+
+
+def _object_fs(location: str, options: dict[str, Any] | None) -> tuple[Any, str]:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(location, **(options or {}))
+    except ImportError as exc:
+        raise StoreError(f"{location}: the fsspec backend is not installed ({exc}); "
+                         "for s3:// install shipyard[s3]") from None
+    return fs, str(path).rstrip("/")
+
+
+def _protocols(fs: Any) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
+class ObjectLock:
+    """The writer lock of a store on object storage: the object `<store>.lock` beside it, created
+    by a conditional write (S3's `If-None-Match: *`) that fails when the object exists, so of two
+    writers exactly one creates it. It names its holder, and the holder deletes it on closing.
+    A writer killed while holding it leaves it behind: `shipyard store unlock` removes it."""
+
+    def __init__(self, fs: Any, path: str, url: str, token: str) -> None:
+        self.fs, self.path, self.url, self.token = fs, path, url, token
+
+    @classmethod
+    def take(cls, location: str, options: dict[str, Any] | None) -> ObjectLock:
+        fs, path = _object_fs(location, options)
+        url, lock_path = location.rstrip("/") + LOCK_SUFFIX, path + LOCK_SUFFIX
+        if not _protocols(fs) & CONDITIONAL_PROTOCOLS:
+            raise StoreError(f"{location}: no writer lock can be taken on "
+                             f"{sorted(_protocols(fs))[0]}:// (shipyard writes object stores only "
+                             "where a conditional write keeps a second writer out: s3://); open it "
+                             "read-only or write a local store")
+        since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": since,
+                  "token": secrets.token_hex(8)}
+        body = json.dumps(holder).encode()
+        try:
+            fs.pipe_file(lock_path, body, mode="create")
+        except FileExistsError:
+            raise StoreLockedError(_held(location, url, read_holder(fs, lock_path))) from None
+        except Exception as exc:  # denied, unreachable: one line
+            raise StoreError(f"{location}: cannot take the writer lock {url}: "
+                             f"{first_line(exc)}") from None
+        # A backend that ignores the condition would let a second writer in: it must refuse this.
+        try:
+            fs.pipe_file(lock_path, body, mode="create")
+        except FileExistsError:
+            return cls(fs, lock_path, url, holder["token"])
+        with suppress(Exception):
+            fs.rm_file(lock_path)
+        raise StoreError(f"{location}: the object store ignored a conditional write "
+                         "(If-None-Match), so it cannot keep a second writer out; shipyard "
+                         "writes no store there")
+
+    def release(self) -> None:
+        """Delete the lock object while it is still this writer's."""
+        with suppress(Exception):
+            if read_holder(self.fs, self.path).get("token") == self.token:
+                self.fs.rm_file(self.path)
+
+
+def read_holder(fs: Any, path: str) -> dict[str, Any]:
+    """Who holds a lock object, as it says ({} when it is gone or unreadable)."""
+    try:
+        data = json.loads(fs.cat_file(path))
+    except Exception:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _held(location: str, url: str, holder: dict[str, Any]) -> str:
+    who = (f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since {holder.get('since', '?')}"
+           if holder else "holder unknown")
+    return (f"{location} is being written by another process (lock {url}, {who}); if that "
+            f"writer is gone, `shipyard --store {location} store unlock` removes the lock")
+
+
+def break_lock(location: str, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Remove the lock object a writer killed while holding it left beside a store on object
+    storage: what the lock said of its holder, or None when there was none. Only for a writer
+    that is gone: nothing can tell a live one from a dead one there. A local store's lock dies
+    with its process, so there is never one to remove; a live writer's is refused."""
+    if not is_object_store(location):
+        if not (Path(location.removeprefix("file://")) / "zarr.json").is_file():
+            raise StoreMissingError(f"no shipyard store at {location}")
+        release_lock(take_lock(location))  # refused while a live writer holds it
+        return None
+    fs, path = _object_fs(location, options)
+    lock_path = path + LOCK_SUFFIX
+    try:
+        if not fs.exists(lock_path):
+            return None
+        holder = read_holder(fs, lock_path)
+        fs.rm_file(lock_path)
+    except Exception as exc:  # denied, unreachable: one line
+        raise StoreError(f"{location}: cannot remove the writer lock {location.rstrip('/')}"
+                         f"{LOCK_SUFFIX}: {first_line(exc)}") from None
+    return holder
 
 
 def refuse_links(root: Any, path: str) -> None:

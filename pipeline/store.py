@@ -2,8 +2,8 @@
 
 Row tables (`rows.py`) hold image features and augmented views; every other output is an
 artefact (`artifacts.py`) committed by its `complete` marker. One process writes a store at a
-time (a lock file beside local stores, `locations.py`); any number may read it, locally or
-through an fsspec URL.
+time (its lock beside it: a file lock beside a local store, a lock object made by a conditional
+write beside one on S3; `locations.py`); any number may read it, locally or through an fsspec URL.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class FeatureStore:
         if not exists and not create:
             raise StoreMissingError(f"no shipyard store at {location} (run `shipyard extract` "
                                     "first)")
-        lock = None if read_only else take_lock(location)
+        lock = None if read_only else take_lock(location, options)
         try:
             zstore = zarr_store(location, read_only, options)
             if exists:

@@ -1,15 +1,21 @@
 """Sharing: a store written locally, copied to an S3-compatible server (moto on 127.0.0.1), is
-read back read-only through its s3:// URL with identical features."""
+read back read-only through its s3:// URL with identical features; a store written on S3 has one
+writer at a time, through a lock object created by a conditional write."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from shipyard.cli import app
-from shipyard.pipeline.errors import StoreReadOnlyError
+from shipyard.pipeline.errors import StoreError, StoreLockedError, StoreReadOnlyError
+from shipyard.pipeline.locations import ObjectLock
 from shipyard.pipeline.manifest import Manifest
 from shipyard.pipeline.store import FeatureStore
 from typer.testing import CliRunner
@@ -17,11 +23,13 @@ from typer.testing import CliRunner
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from tests.conftest import run_stage  # noqa: E402
+from tests.conftest import manifest_dict, run_stage, write_manifest  # noqa: E402
 
 
 @pytest.fixture
 def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    # The server's request log would land in the CLI's stderr beside its one-line errors.
+    monkeypatch.setattr(logging.getLogger("werkzeug"), "level", logging.WARNING)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     s3fs.S3FileSystem.clear_instance_cache()  # cached clients would keep an older endpoint
@@ -93,3 +101,121 @@ def test_unreachable_s3_store_is_one_line(monkeypatch: pytest.MonkeyPatch) -> No
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach store s3://b/x.zarr")
+
+
+# -- one writer per store on object storage ---------------------------------------------------
+
+LOCK_FIELDS = {"host", "pid", "since", "token"}
+
+
+def _s3_manifest(tmp_path: Path, small_demo: Path, url: str) -> Path:
+    return write_manifest(tmp_path / "shipyard.yaml", manifest_dict(small_demo, url))  # type: ignore[arg-type]  # a URL, not a path
+
+
+def _one_line(result: Any) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_a_second_writer_of_an_s3_store_is_refused_in_one_line(
+        tmp_path: Path, small_demo: Path, s3_endpoint: str) -> None:
+    """The writer lock of a store on S3 is an object beside it, created with If-None-Match: *;
+    a second writer is refused naming the holder, and the first writer's lock is left alone."""
+    fs = s3fs.S3FileSystem(**_options(s3_endpoint))
+    fs.mkdir("work")
+    url = "s3://work/features.zarr"
+    path = _s3_manifest(tmp_path, small_demo, url)
+    with FeatureStore.open(url, read_only=False, create=True, options=_options(s3_endpoint)):
+        holder = json.loads(fs.cat_file("work/features.zarr.lock"))
+        assert set(holder) == LOCK_FIELDS and holder["pid"] == os.getpid()
+        result = CliRunner().invoke(app, ["--manifest", str(path), "extract"])
+        assert result.exit_code == 1
+        assert _one_line(result) == (
+            f"error: {url} is being written by another process (lock {url}.lock, "
+            f"{holder['host']} pid {holder['pid']} since {holder['since']}); if that writer is "
+            f"gone, `shipyard --store {url} store unlock` removes the lock")
+        assert json.loads(fs.cat_file("work/features.zarr.lock")) == holder
+        with pytest.raises(StoreLockedError):
+            FeatureStore.open(url, read_only=False, options=_options(s3_endpoint))
+        with FeatureStore.open(url, options=_options(s3_endpoint)) as reader:  # readers never wait
+            assert reader.read_only
+    assert not fs.exists("work/features.zarr.lock")  # released on closing
+
+    result = CliRunner().invoke(app, ["--manifest", str(path), "extract", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["extracted"] == 120
+    assert not fs.exists("work/features.zarr.lock")
+    with FeatureStore.open(url, options=_options(s3_endpoint)) as shared:
+        assert shared.extractor(shared.extractor_fps()[0]).images.rows == 120
+
+
+def test_a_lock_left_by_a_killed_writer_is_named_and_removed_by_store_unlock(
+        s3_endpoint: str) -> None:
+    fs = s3fs.S3FileSystem(**_options(s3_endpoint))
+    fs.mkdir("stale")
+    url = "s3://stale/features.zarr"
+    FeatureStore.open(url, read_only=False, create=True, options=_options(s3_endpoint)).close()
+    left = ObjectLock.take(url, _options(s3_endpoint))  # a writer killed before releasing it
+    holder = json.loads(fs.cat_file("stale/features.zarr.lock"))
+    with pytest.raises(StoreLockedError, match=r"store unlock` removes the lock$"):
+        FeatureStore.open(url, read_only=False, options=_options(s3_endpoint))
+
+    result = CliRunner().invoke(app, ["--store", url, "store", "unlock", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"store": url, "lock": f"{url}.lock", "removed": True,
+                                         "holder": holder}
+    assert not fs.exists("stale/features.zarr.lock")
+    with FeatureStore.open(url, read_only=False, options=_options(s3_endpoint)):
+        left.release()  # the killed writer's release leaves the new writer's lock alone
+        assert json.loads(fs.cat_file("stale/features.zarr.lock"))["token"] != holder["token"]
+    assert not fs.exists("stale/features.zarr.lock")
+    result = CliRunner().invoke(app, ["--store", url, "store", "unlock"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"{url}: no writer lock"
+
+
+def test_a_backend_that_ignores_conditional_writes_is_not_written(
+        monkeypatch: pytest.MonkeyPatch, s3_endpoint: str) -> None:
+    """Some S3-compatible servers accept If-None-Match and ignore it: a second conditional create
+    of the lock then succeeds, so the writer refuses, removes its lock and writes nothing."""
+    original = s3fs.S3FileSystem._pipe_file
+
+    async def ignoring(self: Any, path: str, data: bytes, mode: str = "overwrite", **kw: Any) -> Any:
+        return await original(self, path, data, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", ignoring)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(**_options(s3_endpoint))
+    fs.mkdir("lax")
+    url = "s3://lax/features.zarr"
+    with pytest.raises(StoreError, match=r"^s3://lax/features.zarr: the object store ignored a "
+                                         r"conditional write \(If-None-Match\)"):
+        FeatureStore.open(url, read_only=False, create=True, options=_options(s3_endpoint))
+    assert fs.find("lax") == []  # neither the lock nor a store
+
+
+def test_a_denied_lock_is_one_line_before_anything_is_computed(
+        tmp_path: Path, small_demo: Path, monkeypatch: pytest.MonkeyPatch, s3_endpoint: str) -> None:
+    """Read-only credentials: creating the lock object is denied, and the command says so in one
+    line, exit 1, before it encodes anything."""
+    async def denied(self: Any, path: str, data: bytes, **kw: Any) -> Any:
+        raise PermissionError("Access Denied")
+
+    fs = s3fs.S3FileSystem(**_options(s3_endpoint))
+    fs.mkdir("theirs")
+    monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", denied)
+    s3fs.S3FileSystem.clear_instance_cache()
+    url = "s3://theirs/features.zarr"
+    path = _s3_manifest(tmp_path, small_demo, url)
+    result = CliRunner().invoke(app, ["--manifest", str(path), "extract"])
+    assert result.exit_code == 1
+    assert _one_line(result) == (f"error: {url}: cannot take the writer lock {url}.lock: "
+                                 "PermissionError: Access Denied")
+    assert fs.find("theirs") == []
+
+
+def test_stores_where_no_lock_can_be_taken_are_read_only(tmp_path: Path) -> None:
+    """memory:// (and any backend without an atomic conditional create) is never written."""
+    with pytest.raises(StoreError, match=r"^memory://x.zarr: no writer lock can be taken on "
+                                         r"memory:// \(.*s3://\); open it read-only"):
+        FeatureStore.open("memory://x.zarr", read_only=False, create=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,29 @@ def test_one_writer_at_a_time(tmp_path: Path) -> None:
     FeatureStore.open(str(tmp_path / "s.zarr")).close()  # readers are never blocked
     first.close()
     FeatureStore.open(str(tmp_path / "s.zarr"), read_only=False).close()
+
+
+def test_store_unlock_on_a_local_store_refuses_a_live_writer_and_finds_no_other_lock(
+        tmp_path: Path) -> None:
+    """A local store's lock dies with its writer: unlock never removes one, and says so."""
+    from shipyard.cli import app
+    from typer.testing import CliRunner
+
+    path = str(tmp_path / "s.zarr")
+    with FeatureStore.open(path, read_only=False, create=True):
+        held = CliRunner().invoke(app, ["--store", path, "store", "unlock"])
+        assert held.exit_code == 1
+        assert held.stderr.strip() == (f"error: {path} is being written by another process "
+                                       f"(lock {path}.lock)")
+    free = CliRunner().invoke(app, ["--store", path, "store", "unlock", "--json"])
+    assert free.exit_code == 0, free.output
+    assert json.loads(free.stdout) == {"store": path, "lock": f"{path}.lock", "removed": False,
+                                       "holder": None}
+    FeatureStore.open(path, read_only=False).close()  # and the store is still writable
+    missing = CliRunner().invoke(app, ["--store", str(tmp_path / "none.zarr"), "store", "unlock"])
+    assert missing.exit_code == 1
+    assert missing.stderr.strip() == f"error: no shipyard store at {tmp_path / 'none.zarr'}"
+    assert not (tmp_path / "none.zarr.lock").exists()
 
 
 def test_one_writer_whichever_path_names_the_store(tmp_path: Path,

@@ -478,12 +478,21 @@ def test_agreement_report_scores_both_sides_at_the_logit_scale_given(random_cach
 
 
 def test_agreement_is_measured_at_clips_logit_scale_by_default() -> None:
-    """Without a logit scale, both sides are scored at CLIP's 100 (the scale weighs the zero-shot
-    term against the cache term, so the agreement measured depends on it)."""
-    import inspect
+    """Without a logit scale, both sides are scored at CLIP's 100. On this query the exact cache
+    and its nearest key alone agree at 100 and disagree at 101: the zero-shot term, which the
+    scale multiplies, leans to class 1 just less than the exact cache term leans to class 0."""
+    keys = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    labels = np.array([0, 1])
+    query = np.array([[math.cos(0.15), math.sin(0.15)]], dtype=np.float32)
+    text = np.array([[1.0, 0.0], [math.cos(0.02), math.sin(0.02)]], dtype=np.float32)
+    exact = CacheIndex.build(keys, "flat")
 
-    assert inspect.signature(agreement_report).parameters["logit_scale"].default == 100.0
-    assert inspect.signature(cache_logits).parameters["logit_scale"].default == 100.0
+    def agreement(**scale: float) -> float:
+        report = agreement_report(exact, exact, query, labels, text, 0.5, 1.0, topk=1, **scale)
+        return float(report["top1_agreement"])
+
+    assert (agreement(logit_scale=100.0), agreement(logit_scale=101.0)) == (1.0, 0.0)
+    assert agreement() == 1.0
 
 
 def test_refusing_a_gpu_that_is_not_there_and_hnsw_on_the_gpu(random_cache: dict) -> None:
