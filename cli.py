@@ -433,6 +433,28 @@ def store_verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     _run(g, as_json, work, cli_text.verify_text, ok=lambda s: bool(s["ok"]))
 
 
+def _absolute(location: str) -> str:
+    """A path relative to the current folder made absolute; a URL as it is."""
+    return location if is_url(location) else str(Path(location).resolve())
+
+
+@store_app.command("publish")
+def store_publish(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="the store to publish: a path or fsspec URL")],
+    destination: Annotated[str, typer.Argument(
+        help="where the copy goes (must not exist): a path or s3:// URL")],
+    as_json: JsonOpt = False,
+) -> None:
+    """An immutable copy for sharing: committed rows and complete artefacts only, sharded,
+    dimension names on every array (xarray opens any group), consolidated metadata, verified."""
+    from .pipeline.publish import publish
+
+    g: Globals = ctx.obj
+    _run(g, as_json, lambda: publish(_absolute(source), _absolute(destination),
+                                     progress=_progress(g)), cli_text.publish_text)
+
+
 @store_app.command("unlock")
 def store_unlock(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Remove the writer lock a killed writer left beside a store on S3 (only when that writer is

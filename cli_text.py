@@ -117,6 +117,10 @@ def plan_text(s: Summary) -> str:
 
 def info_text(s: Summary) -> str:
     lines = [f"store {s['store']} (format {s['format']}, created {s['created']})"]
+    if s.get("published"):
+        p = s["published"]
+        lines.append(f"  published {p['time']} from {p['source']} by shipyard {p['shipyard']} "
+                     "(read-only: it never changes)")
     for e in s["extractors"]:
         lines.append(f"  extractor {e['fp'][:12]}: {e['model']} (weights {e['weights_sha256'][:12]}), "
                      f"D={e['dim']}, {e['images']} images, {e['view_rows']} x {e['views']} views, "
@@ -156,6 +160,13 @@ def _short(value: Any) -> str:
     if isinstance(value, dict):  # a run's heads: one entry per method
         return f"({len(value)} entries)"
     return str(value)
+
+
+def publish_text(s: Summary) -> str:
+    lines = [f"published {s['source']} to {s['store']}: {s['arrays']} arrays, "
+             f"{s['bytes'] / 2**20:.1f} MiB, verified"]
+    lines += [f"  left out (incomplete): {p}" for p in s["left_out"][:20]]
+    return "\n".join(lines)
 
 
 def unlock_text(s: Summary) -> str:

@@ -51,7 +51,8 @@ def info(store: FeatureStore) -> dict[str, Any]:
     listing = {k.folder: [artifact_entry(store, k, key) for key in keys_of(store.root, k)]
                for k in FOLDER_KINDS}
     return {"store": store.location, "format": root.get("shipyard_format"),
-            "created": root.get("created"), "extractors": extractors, "datasets": datasets,
+            "created": root.get("created"), "published": root.get("published"),
+            "extractors": extractors, "datasets": datasets,
             "artifacts": {k: len(v) for k, v in listing.items() if v},
             "listing": {k: v for k, v in listing.items() if v}}
 

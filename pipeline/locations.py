@@ -133,9 +133,9 @@ class ObjectLock:
                              "where a conditional write keeps a second writer out: s3://); open it "
                              "read-only or write a local store")
         since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": since,
-                  "token": secrets.token_hex(8)}
-        body = json.dumps(holder).encode()
+        token = secrets.token_hex(8)
+        body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": since,
+                           "token": token}).encode()
         try:
             fs.pipe_file(lock_path, body, mode="create")
         except FileExistsError:
@@ -147,7 +147,7 @@ class ObjectLock:
         try:
             fs.pipe_file(lock_path, body, mode="create")
         except FileExistsError:
-            return cls(fs, lock_path, url, holder["token"])
+            return cls(fs, lock_path, url, token)
         with suppress(Exception):
             fs.rm_file(lock_path)
         raise StoreError(f"{location}: the object store ignored a conditional write "

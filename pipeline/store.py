@@ -72,6 +72,9 @@ class FeatureStore:
                 if fmt != STORE_FORMAT:
                     raise StoreError(f"{location}: store format {fmt}, this shipyard reads "
                                      f"{STORE_FORMAT}")
+                if not read_only and "published" in root.attrs:
+                    raise StoreReadOnlyError(f"{location} is a published store, which never "
+                                             "changes: write a working store of your own")
             else:
                 root = zarr.open_group(zstore, mode="w-",
                                        attributes={"shipyard_format": STORE_FORMAT,

@@ -219,3 +219,27 @@ def test_stores_where_no_lock_can_be_taken_are_read_only(tmp_path: Path) -> None
     with pytest.raises(StoreError, match=r"^memory://x.zarr: no writer lock can be taken on "
                                          r"memory:// \(.*s3://\); open it read-only"):
         FeatureStore.open("memory://x.zarr", read_only=False, create=True)
+
+
+def test_a_store_published_to_s3_reads_back_identical_and_is_never_written(
+        make_manifest: Callable[..., Manifest], s3_endpoint: str) -> None:
+    m = make_manifest()
+    fp = run_stage(m, "extract")["extractor"]
+    fs = s3fs.S3FileSystem(**_options(s3_endpoint))
+    fs.mkdir("team-a")
+    url = "s3://team-a/features.zarr"
+    result = CliRunner().invoke(app, ["store", "publish", m.store, url, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["published"]["rows"][f"extractors/{fp}/images"] == 120
+    assert not fs.exists("team-a/features.zarr.lock")  # the publisher's lock is gone
+    with FeatureStore.open(m.store) as local, \
+            FeatureStore.open(url, options=_options(s3_endpoint)) as shared:
+        assert shared.root.attrs["published"]["source"] == m.store
+        a, b = local.extractor(fp), shared.extractor(fp)
+        np.testing.assert_array_equal(a.images.read("features"), b.images.read("features"))
+        np.testing.assert_array_equal(a.view_table.read("norms"), b.view_table.read("norms"))
+    verify = CliRunner().invoke(app, ["--store", url, "store", "verify", "--json"])
+    assert verify.exit_code == 0 and json.loads(verify.stdout)["ok"]
+    with pytest.raises(StoreReadOnlyError, match="is a published store"):
+        FeatureStore.open(url, read_only=False, options=_options(s3_endpoint))
+    assert not fs.exists("team-a/features.zarr.lock")
