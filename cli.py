@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -184,7 +185,11 @@ def _run(g: Globals, as_json: bool, work: Callable[[], Summary], human: Callable
         _fail(g, as_json, "interrupted: committed work is kept; run the command again to resume",
               130)
     except ShipyardError as exc:
-        _fail(g, as_json, f"error: {exc}", exc.exit_code)
+        partial = getattr(exc, "summary", None)  # results kept before a refused write
+        if partial is not None and not as_json:
+            with suppress(Exception):  # best effort: the error line below is what matters
+                typer.echo(human(partial))
+        _fail(g, as_json, f"error: {exc}", exc.exit_code, partial)
     except Exception as exc:  # disk full, permissions, a damaged store: still one line
         text = str(exc).strip().splitlines()
         _fail(g, as_json, f"error: {type(exc).__name__}: {text[0] if text else 'no message'}", 1)
@@ -193,12 +198,14 @@ def _run(g: Globals, as_json: bool, work: Callable[[], Summary], human: Callable
         raise typer.Exit(1)
 
 
-def _fail(g: Globals, as_json: bool, line: str, code: int) -> NoReturn:
+def _fail(g: Globals, as_json: bool, line: str, code: int,
+          partial: Summary | None = None) -> NoReturn:
     if g.verbosity > 0:
         traceback.print_exc(file=sys.stderr)
     typer.echo(line, err=True)
     if as_json:
-        typer.echo(json.dumps({"error": line.removeprefix("error: "), "exit_code": code}))
+        typer.echo(json.dumps({**(partial or {}), "error": line.removeprefix("error: "),
+                               "exit_code": code}))
     raise typer.Exit(code)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+from typing import Any
+
 
 class ShipyardError(Exception):
     """Base class: a failure shipyard can explain in one line."""
@@ -35,6 +38,17 @@ class StoreLockedError(StoreError):
     """Another process holds the store's writer lock."""
 
 
+class StoreWriteDeniedError(StoreError):
+    """The store refused a write (permissions, read-only credentials) after some jobs had run.
+    `results` are theirs, committed before the refusal; `summary`, once a command has made one
+    of them, is what it prints before the error line."""
+
+    def __init__(self, message: str, results: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.results = results or []
+        self.summary: dict[str, Any] | None = None
+
+
 class ExtractorMismatchError(StoreError):
     """Features were asked of an extractor the store does not hold, or of the wrong one."""
 
@@ -45,3 +59,13 @@ class ModelLoadError(ShipyardError):
 
 class ImageError(ShipyardError):
     """An image could not be read or decoded (reported per image, fatal only with --strict)."""
+
+
+DENIED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def is_denied(exc: BaseException) -> bool:
+    """A refused write: a permission error (S3's AccessDenied comes as one through s3fs), or an
+    OS error saying access is denied or the file system is read-only."""
+    return isinstance(exc, PermissionError) or (
+        isinstance(exc, OSError) and exc.errno in DENIED_ERRNOS)

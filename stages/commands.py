@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from ..pipeline.artifacts import Slots
-from ..pipeline.errors import StoreMissingError
+from ..pipeline.errors import StoreMissingError, StoreWriteDeniedError
 from ..pipeline.manifest import Manifest
 from ..pipeline.progress import Progress
 from ..pipeline.store import FeatureStore
 from . import extract
 from .base import Environment, Job
-from .runner import STAGES, Plan, Request, build_plan, execute, staleness
+from .runner import STAGES, Plan, Request, Result, build_plan, execute, staleness
 from .summaries import Summary, summarize
 
 
@@ -33,7 +33,11 @@ def stage_command(manifest: Manifest, stage: str, request: Request, *, device: s
 
     with open_writable(manifest, env, request, check, create=stage == "extract") as (store, plan):
         targets = [j for name in names for j in plan.of(name)]
-        results = execute(plan, env, store, targets, force=stage if force else None)
+        try:
+            results = execute(plan, env, store, targets, force=stage if force else None)
+        except StoreWriteDeniedError as exc:  # what ran before the refusal is printed too
+            exc.summary = summarize(exc.results, plan, env).get(stage, {"stage": stage})
+            raise
     return summarize(results, plan, env)[stage]
 
 
@@ -42,13 +46,23 @@ def run_all(manifest: Manifest, request: Request, *, device: str = "auto",
             cache_dir: Path | None = None, report_dir: Path | None = None) -> Summary:
     """Every stale job of the manifest, in dependency order; `force` recomputes one stage's."""
     env = Environment(manifest, device, progress, cache_dir, report_dir)
+    results: list[Result] = []
     with open_writable(manifest, env, request, Plan.raise_broken, create=True) as (store, plan):
-        extracts = [j for j in plan.closure(reports(plan, request)) if j.stage == "extract"]
-        results = execute(plan, env, store, extracts)
-        # Re-plan: images that failed to decode are left out of the records just written.
-        plan = build_plan(env, store, request)
-        rest = execute(plan, env, store, reports(plan, request), force=force, with_deps=True)
-        results += [r for r in rest if r.job.stage != "extract"]
+        try:
+            extracts = [j for j in plan.closure(reports(plan, request)) if j.stage == "extract"]
+            results = execute(plan, env, store, extracts)
+            # Re-plan: images that failed to decode are left out of the records just written.
+            plan = build_plan(env, store, request)
+            rest = execute(plan, env, store, reports(plan, request), force=force, with_deps=True)
+            results += [r for r in rest if r.job.stage != "extract"]
+        except StoreWriteDeniedError as exc:  # what ran before the refusal is printed too
+            kept = results + [r for r in exc.results if r.job.stage != "extract"]
+            exc.summary = run_summary(kept, plan, env)
+            raise
+    return run_summary(results, plan, env)
+
+
+def run_summary(results: list[Result], plan: Plan, env: Environment) -> Summary:
     return {"stage": "run", "pipeline": [s.name for s in STAGES],
             "jobs": [{"id": r.job.id, "status": r.status, "key": r.job.key} for r in results],
             "stages": summarize(results, plan, env)}

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..pipeline.artifacts import Ref, Slots
 from ..pipeline.dataset_plan import PlannedDataset, plan_dataset, plan_records
-from ..pipeline.errors import ShipyardError, UsageError
+from ..pipeline.errors import ShipyardError, StoreWriteDeniedError, UsageError, is_denied
+from ..pipeline.locations import first_line
 from ..pipeline.manifest import DatasetSpec, Manifest
 from ..pipeline.records import text_key
 from ..pipeline.registry import split_method
@@ -241,7 +242,15 @@ def execute(plan: Plan, env: Environment, store: FeatureStore, targets: list[Job
     try:
         for job in order:
             task.note(job.id)
-            _execute_one(env, store, job, order, force, results)
+            try:
+                _execute_one(env, store, job, order, force, results)
+            except OSError as exc:
+                if not is_denied(exc):
+                    raise
+                raise StoreWriteDeniedError(
+                    f"{store.location}: writing {job.id} was denied ({first_line(exc)}); what ran "
+                    "before it is kept in the store", list(results.values())
+                ) from exc
             task.advance(1)
     finally:
         task.close()
