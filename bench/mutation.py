@@ -5,6 +5,7 @@ mutants, killed (failed, timed out or crashed), how many of those timed out, sur
 open survivors and the score killed / (mutants - accepted), then every open survivor's line.
 
     bash bench/mutation.sh                         # every module listed in pyproject.toml
+                                                   # (but those marked default = false)
     bash bench/mutation.sh pipeline/metrics.py     # one module
     bash bench/mutation.sh --report-only           # the last run's table, after a review
 """
@@ -148,14 +149,17 @@ def main() -> None:
                    help="re-print the table from the last run in --work, mutating nothing")
     args = p.parse_args()
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    table = config["tool"]["shipyard"]["mutation"]
+    # module -> its tests; a module given as {tests = [...], default = false} runs only by name
+    entries = config["tool"]["shipyard"]["mutation"]
+    table = {m: e["tests"] if isinstance(e, dict) else e for m, e in entries.items()}
+    defaults = [m for m, e in entries.items() if not isinstance(e, dict) or e.get("default", True)]
     unknown = [m for m in args.modules if m not in table]
     if unknown:
         p.error(f"not in [tool.shipyard.mutation]: {', '.join(unknown)} (known: {', '.join(table)})")
     if shutil.which("mutmut") is None:
         sys.exit("mutmut is not installed: pip install -e '.[dev]'")
     outcomes = []
-    for module in args.modules or list(table):
+    for module in args.modules or defaults:
         print(f"{'reading' if args.report_only else 'mutating'} {module} ...", file=sys.stderr,
               flush=True)
         outcomes.append(run_module(module, table[module], args.work, config,

@@ -65,9 +65,7 @@ def dimension_names(name: str, ndim: int, row_table: bool) -> tuple[str, ...]:
     tail = tails.get(name)
     if tail is None or len(tail) < ndim - 1:
         return (ROW, *(f"{name}_{i}" for i in range(1, ndim)))
-    if name == "norms":
-        return (ROW, *tail[:ndim - 1])
-    return (ROW, *tail[len(tail) - (ndim - 1):])
+    return (ROW, *tail[len(tail) - (ndim - 1):])  # the last ndim - 1 names
 
 
 def shard_shape(shape: tuple[int, ...], chunks: tuple[int, ...],

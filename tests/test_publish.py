@@ -13,21 +13,22 @@ import pytest
 import zarr
 from shipyard.cli import app
 from shipyard.pipeline import publish as publish_module
-from shipyard.pipeline.artifacts import SYNTHETIC, Ref
+from shipyard.pipeline.artifacts import ADAPTER, Ref
 from shipyard.pipeline.errors import StoreError, StoreReadOnlyError
 from shipyard.pipeline.manifest import Manifest
 from shipyard.pipeline.publish import SHARD_BYTES, dimension_names, publish, shard_shape
 from shipyard.pipeline.store import FeatureStore
 from typer.testing import CliRunner
 
-from tests.conftest import run_stage
+from tests.conftest import manifest_dict, run_stage, write_manifest
 
 TORN = 5  # rows a killed writer left past the images table's committed count
 
 
 def _source(make_manifest: Callable[..., Manifest]) -> tuple[str, str]:
-    """An extracted demo store with what only a killed writer leaves: rows past the committed
-    count, and an artefact begun but never committed. (store path, extractor)"""
+    """An extracted demo store with what only killed writers leave: rows past the committed
+    count, an artefact begun but never committed (in the group copied first), and an extractor
+    whose layout was never finished. (store path, extractor)"""
     m = make_manifest()
     fp = run_stage(m, "extract")["extractor"]
     with FeatureStore.open(m.store, read_only=False) as store:
@@ -37,7 +38,9 @@ def _source(make_manifest: Callable[..., Manifest]) -> tuple[str, str]:
             arr = images.array(name)
             arr.resize((n + TORN, *arr.shape[1:]))
             arr[n:] = np.ones((TORN, *arr.shape[1:]), dtype=arr.dtype)
-        store.begin(Ref.of(SYNTHETIC, "f" * 64), {"job": "synthesize", "key": "f" * 64})
+        store.begin(Ref.of(ADAPTER, "f" * 64), {"job": "train-adapter", "key": "f" * 64})
+        store.root["extractors"].create_group("e" * 64, attributes={"fp": "e" * 64,
+                                                                    "fingerprint": {}})
     return m.store, fp
 
 
@@ -52,8 +55,14 @@ def test_a_published_copy_holds_exactly_the_committed_content(
     result = _invoke("store", "publish", src, dst, "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["left_out"] == [f"synthetic/{'f' * 64}"]
-    assert out["published"]["rows"][f"extractors/{fp}/images"] == 120
+    assert out["left_out"] == [f"adapters/{'f' * 64}", f"extractors/{'e' * 64}"]
+    assert out["published"]["rows"] == {f"extractors/{fp}/images": 120,
+                                        f"extractors/{fp}/views": 60}
+    assert (out["source"], out["store"]) == (src, dst)
+    arrays = [a for _, a in zarr.open_group(dst, mode="r").members(max_depth=None)
+              if isinstance(a, zarr.Array)]
+    assert out["arrays"] == len(arrays) > 10
+    assert out["bytes"] == sum(a.nbytes for a in arrays)
     with FeatureStore.open(src) as a, FeatureStore.open(dst) as b:
         assert a.extractor(fp).images.array("keys").shape[0] == 120 + TORN
         ea, eb = a.extractor(fp), b.extractor(fp)
@@ -62,7 +71,8 @@ def test_a_published_copy_holds_exactly_the_committed_content(
             for name in ["keys", *table_a.columns]:  # trimmed: nothing past the committed rows
                 assert table_b.array(name).shape[0] == table_a.rows
                 np.testing.assert_array_equal(table_b.read(name), table_a.read(name))
-        assert b.lookup(Ref.of(SYNTHETIC, "f" * 64)) is None and "f" * 64 not in b.root["synthetic"]
+        assert b.lookup(Ref.of(ADAPTER, "f" * 64)) is None and "f" * 64 not in b.root["adapters"]
+        assert b.extractor_fps() == [fp] and "e" * 64 not in b.root["extractors"]
         assert b.dataset("demo").paths() == a.dataset("demo").paths()
         assert b.root.attrs["published"] == out["published"]
     verified = json.loads(_invoke("--store", dst, "store", "verify", "--json").stdout)
@@ -73,7 +83,7 @@ def test_a_published_copy_holds_exactly_the_committed_content(
 
 
 def test_a_published_store_is_never_written_nor_published_over(
-        tmp_path: Path, make_manifest: Callable[..., Manifest]) -> None:
+        tmp_path: Path, small_demo: Path, make_manifest: Callable[..., Manifest]) -> None:
     src, _ = _source(make_manifest)
     dst = str(tmp_path / "published.zarr")
     publish(src, dst)
@@ -84,7 +94,8 @@ def test_a_published_store_is_never_written_nor_published_over(
     assert again.exit_code == 1
     assert again.stderr.strip() == (f"error: {dst} exists: a published store never changes; "
                                     "publish to a new location")
-    extract = _invoke("--store", dst, "extract")
+    manifest = write_manifest(tmp_path / "onto.yaml", manifest_dict(small_demo, Path(dst)))
+    extract = _invoke("--manifest", str(manifest), "extract")
     assert extract.exit_code == 1 and "is a published store" in extract.stderr
     assert sorted(p.name for p in Path(dst).rglob("*")) == before
     # A copy of a published store is published again, from it.
@@ -138,6 +149,56 @@ def test_a_copy_that_fails_verification_is_not_marked_published(
         publish(src, dst)
     assert "published" not in zarr.open_group(dst, mode="r").attrs
     FeatureStore.open(dst, read_only=False).close()  # its lock was released
+    # A copy of a published store that fails is not marked either (not even with the old mark).
+    monkeypatch.undo()
+    first = str(tmp_path / "first.zarr")
+    publish(src, first)
+    monkeypatch.setattr(publish_module, "check_copy", lambda *a: ["x: the copy differs"])
+    with pytest.raises(StoreError, match="failed verification"):
+        publish(first, str(tmp_path / "again.zarr"))
+    assert "published" not in zarr.open_group(str(tmp_path / "again.zarr"), mode="r").attrs
+
+
+def test_two_publishers_of_one_destination_exclude_each_other(
+        tmp_path: Path, make_manifest: Callable[..., Manifest]) -> None:
+    from shipyard.pipeline.errors import StoreLockedError
+    from shipyard.pipeline.locations import release_lock, take_lock
+
+    src, _ = _source(make_manifest)
+    dst = str(tmp_path / "published.zarr")
+    held = take_lock(dst)
+    try:
+        with pytest.raises(StoreLockedError, match="being written by another process"):
+            publish(src, dst)
+    finally:
+        release_lock(held)
+    publish(src, dst)
+    publish(src, str(tmp_path / "other.zarr"))  # and the lock of the first was released
+    FeatureStore.open(str(tmp_path / "other.zarr")).close()
+
+
+def test_publishing_reports_progress_per_array(
+        tmp_path: Path, make_manifest: Callable[..., Manifest]) -> None:
+    src, _ = _source(make_manifest)
+    seen: list[Any] = []
+
+    class Recorder:
+        def task(self, description: str, total: int | None, unit: str) -> Any:
+            seen.append((description, total, unit))
+            return self
+
+        def advance(self, n: int = 1) -> None:
+            seen.append(n)
+
+        def note(self, text: str) -> None: ...
+
+        def close(self) -> None:
+            seen.append("closed")
+
+    out = publish(src, str(tmp_path / "p.zarr"), progress=Recorder())
+    assert seen[0][0] == "publish arrays" and seen[0][2] == "arr"
+    assert seen[0][1] >= out["arrays"]  # every array of the source, left-out ones included
+    assert seen[1:] == [1] * out["arrays"] + ["closed"]
 
 
 def test_dimension_names_share_row_in_a_table_and_are_unique_elsewhere() -> None:
@@ -148,6 +209,8 @@ def test_dimension_names_share_row_in_a_table_and_are_unique_elsewhere() -> None
     assert dimension_names("norms", 2, True) == ("row", "view")
     assert dimension_names("labels", 1, True) == ("row",)
     assert dimension_names("labels", 3, True) == ("row", "labels_1", "labels_2")
+    assert dimension_names("features", 4, True) == ("row", "features_1", "features_2", "features_3")
+    assert dimension_names("norms", 3, True) == ("row", "norms_1", "norms_2")
     assert dimension_names("weight", 2, False) == ("weight_0", "weight_1")
     assert dimension_names("scale", 0, False) == ()
 
@@ -159,3 +222,6 @@ def test_shards_gather_whole_chunks_up_to_the_target_size() -> None:
     assert shard_shape((10 * rows, 512), (1024, 512), 2) == (rows, 512)
     assert shard_shape((10 * rows, 512), (1024, 512), 4) == (rows // 2, 512)
     assert shard_shape((10, 1 << 26), (1, 1 << 26), 4) == (1, 1 << 26)  # a chunk past the target
+    assert shard_shape((1 << 30,), (1,), 1) == (SHARD_BYTES,)  # one-byte chunks
+    shape = shard_shape((10 * rows, 512), (1024, 512), 2)
+    assert shape is not None and all(type(v) is int for v in shape)  # zarr takes whole numbers
