@@ -63,6 +63,14 @@ def test_a_published_copy_holds_exactly_the_committed_content(
               if isinstance(a, zarr.Array)]
     assert out["arrays"] == len(arrays) > 10
     assert out["bytes"] == sum(a.nbytes for a in arrays)
+    source = zarr.open_group(src, mode="r")
+    for a in arrays:  # digests and every other attribute travel with each array
+        assert (dict(a.attrs), a.fill_value) == (dict(source[a.path].attrs),
+                                                 source[a.path].fill_value), a.path
+    assert any("sha256" in a.attrs for a in arrays)
+    from shipyard.pipeline.locations import release_lock, take_lock
+
+    release_lock(take_lock(dst))  # the publisher's lock was released
     with FeatureStore.open(src) as a, FeatureStore.open(dst) as b:
         assert a.extractor(fp).images.array("keys").shape[0] == 120 + TORN
         ea, eb = a.extractor(fp), b.extractor(fp)
