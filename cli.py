@@ -52,8 +52,8 @@ class Globals:
     def __post_init__(self) -> None:
         # A command-line path is relative to the current folder, for every command alike (the
         # manifest's own `store:` is relative to the manifest's folder).
-        if self.store and not is_url(self.store):
-            object.__setattr__(self, "store", str(Path(self.store).resolve()))
+        if self.store:
+            object.__setattr__(self, "store", _absolute(self.store))
 
     def load(self) -> Manifest:
         return load_manifest(self.manifest, store_override=self.store)
@@ -64,6 +64,11 @@ class Globals:
             return self.store, {}
         m = self.load()
         return m.store, m.store_options
+
+
+def _absolute(location: str) -> str:
+    """A path relative to the current folder made absolute; a URL as it is."""
+    return location if is_url(location) else str(Path(location).resolve())
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -440,11 +445,6 @@ def store_verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     _run(g, as_json, work, cli_text.verify_text, ok=lambda s: bool(s["ok"]))
 
 
-def _absolute(location: str) -> str:
-    """A path relative to the current folder made absolute; a URL as it is."""
-    return location if is_url(location) else str(Path(location).resolve())
-
-
 @store_app.command("publish")
 def store_publish(
     ctx: typer.Context,
@@ -466,14 +466,14 @@ def store_publish(
 def store_unlock(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Remove the writer lock a killed writer left beside a store on S3 (only when that writer is
     gone: a live one cannot be told from a dead one there). Local locks die with their writer."""
-    from .pipeline.locations import LOCK_SUFFIX, break_lock
+    from .pipeline.locations import break_lock, lock_location
 
     g: Globals = ctx.obj
 
     def work() -> dict[str, Any]:
         location, options = g.store_location()
         holder = break_lock(location, options)
-        return {"store": location, "lock": location.rstrip("/") + LOCK_SUFFIX,
+        return {"store": location, "lock": lock_location(location),
                 "removed": holder is not None, "holder": holder}
 
     _run(g, as_json, work, cli_text.unlock_text)

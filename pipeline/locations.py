@@ -73,6 +73,11 @@ def is_object_store(location: str) -> bool:
     return is_url(location) and not location.startswith("file://")
 
 
+def lock_location(location: str) -> str:
+    """Where a store's writer lock lives: `<store>.lock` beside it."""
+    return location.rstrip("/") + LOCK_SUFFIX
+
+
 def take_lock(location: str, options: dict[str, Any] | None = None) -> Any:
     """The writer's exclusive lock. Beside a local store, `<store>.lock` held with an OS file lock,
     beside the store's real path: two writers of one store exclude each other whichever path
@@ -120,13 +125,13 @@ class ObjectLock:
     writers exactly one creates it. It names its holder, and the holder deletes it on closing.
     A writer killed while holding it leaves it behind: `shipyard store unlock` removes it."""
 
-    def __init__(self, fs: Any, path: str, url: str, token: str) -> None:
-        self.fs, self.path, self.url, self.token = fs, path, url, token
+    def __init__(self, fs: Any, path: str, token: str) -> None:
+        self.fs, self.path, self.token = fs, path, token
 
     @classmethod
     def take(cls, location: str, options: dict[str, Any] | None) -> ObjectLock:
         fs, path = _object_fs(location, options)
-        url, lock_path = location.rstrip("/") + LOCK_SUFFIX, path + LOCK_SUFFIX
+        url, lock_path = lock_location(location), path + LOCK_SUFFIX
         if not _protocols(fs) & CONDITIONAL_PROTOCOLS:
             raise StoreError(f"{location}: no writer lock can be taken on "
                              f"{sorted(_protocols(fs))[0]}:// (shipyard writes object stores only "
@@ -147,7 +152,7 @@ class ObjectLock:
         try:
             fs.pipe_file(lock_path, body, mode="create")
         except FileExistsError:
-            return cls(fs, lock_path, url, token)
+            return cls(fs, lock_path, token)
         with suppress(Exception):
             fs.rm_file(lock_path)
         raise StoreError(f"{location}: the object store ignored a conditional write "
@@ -183,7 +188,7 @@ def break_lock(location: str, options: dict[str, Any] | None = None) -> dict[str
     that is gone: nothing can tell a live one from a dead one there. A local store's lock dies
     with its process, so there is never one to remove; a live writer's is refused."""
     if not is_object_store(location):
-        if not (Path(location.removeprefix("file://")) / "zarr.json").is_file():
+        if not store_exists(location, None):
             raise StoreMissingError(f"no shipyard store at {location}")
         release_lock(take_lock(location))  # refused while a live writer holds it
         return None
@@ -195,8 +200,8 @@ def break_lock(location: str, options: dict[str, Any] | None = None) -> dict[str
         holder = read_holder(fs, lock_path)
         fs.rm_file(lock_path)
     except Exception as exc:  # denied, unreachable: one line
-        raise StoreError(f"{location}: cannot remove the writer lock {location.rstrip('/')}"
-                         f"{LOCK_SUFFIX}: {first_line(exc)}") from None
+        raise StoreError(f"{location}: cannot remove the writer lock {lock_location(location)}: "
+                         f"{first_line(exc)}") from None
     return holder
 
 
