@@ -91,6 +91,7 @@ def evaluate_text(s: Summary) -> str:
 def status_text(s: Summary) -> str:
     head = f"store {s['store']}, extractor {(s['extractor'] or '?')[:12]}: "
     lines = [head + ("up to date" if s["up_to_date"] else "stale")]
+    lines += [f"  reads upstream {u} (read-only)" for u in s.get("upstream", [])]
     if "reason" in s:
         lines.append("  " + s["reason"])
     for d in s["datasets"]:
@@ -116,7 +117,16 @@ def plan_text(s: Summary) -> str:
 
 
 def info_text(s: Summary) -> str:
-    lines = [f"store {s['store']} (format {s['format']}, created {s['created']})"]
+    """The working store, then each upstream store it reads below it."""
+    parts = [_layer_text(s)]
+    for i, up in enumerate(s.get("upstream", [])):
+        parts.append(f"upstream {i + 1} (read-only): " + _layer_text(up))
+    return "\n".join(parts)
+
+
+def _layer_text(s: Summary) -> str:
+    made = f"created {s['created']}" if s["created"] else "not created yet"
+    lines = [f"store {s['store']} (format {s['format']}, {made})"]
     if s.get("published"):
         p = s["published"]
         lines.append(f"  published {p['time']} from {p['source']} by shipyard {p['shipyard']} "

@@ -342,11 +342,31 @@ def check_overrides(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
     return value
 
 
+class UpstreamSpec(Spec):
+    """A read-only store read below the working store: another team's, or a published copy."""
+
+    location: Name = Field(description="a local path or an fsspec URL")
+    options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"location": value} if isinstance(value, str) else value
+
+    @field_validator("location")
+    @classmethod
+    def _resolve(cls, value: str, info: ValidationInfo) -> str:
+        return value if is_url(value) else str((_base(info) / value).resolve())
+
+
 class Manifest(Spec):
     path: Path = Field(Path("data_manifest.yaml"), exclude=True)
     store: Name = Field(description="the working store: a local path or an fsspec URL")
     store_options: dict[str, Any] = Field(default_factory=dict,
                                           description="fsspec storage options")
+    upstream: tuple[UpstreamSpec, ...] = Field(
+        (), description="read-only stores every lookup falls through to, in order, after the "
+        "working store (a path or URL, or {location, options}); nothing is written to them")
     model: ModelSpec
     extraction: ExtractionSpec = ExtractionSpec()
     datasets: tuple[DatasetSpec, ...] = Field(min_length=1)
@@ -357,6 +377,22 @@ class Manifest(Spec):
     @classmethod
     def _resolve_store(cls, value: str, info: ValidationInfo) -> str:
         return value if is_url(value) else str((_base(info) / value).resolve())
+
+    @model_validator(mode="after")
+    def _distinct_layers(self) -> Manifest:
+        seen = [self.store.rstrip("/")]
+        for i, up in enumerate(self.upstream):
+            where = up.location.rstrip("/")
+            if where in seen:
+                raise ValueError(f"upstream[{i}]: {up.location} is " + (
+                    "the working store itself" if where == seen[0] else "listed twice"))
+            seen.append(where)
+        return self
+
+    @property
+    def upstreams(self) -> list[tuple[str, dict[str, Any]]]:
+        """(location, fsspec options) of each upstream store, in lookup order."""
+        return [(u.location, u.options) for u in self.upstream]
 
     @field_validator("datasets")
     @classmethod

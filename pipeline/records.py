@@ -13,7 +13,7 @@ import zarr
 
 from .artifacts import TEXT_SET, Ref, artifact_key, begin, commit, lookup
 from .errors import ExtractorMismatchError, StoreError
-from .rows import RowTable
+from .rows import LayeredRows, RowTable
 from .zarr_nodes import attrs_of, child_array, child_group, read_sealed, require_unit_rows, write_sealed
 
 
@@ -67,8 +67,7 @@ class Extractor:
     @cached_property
     def view_table(self) -> RowTable:
         if self.views == 0:
-            raise ExtractorMismatchError(f"extractor {self.fp[:12]} was built without "
-                                         "augmented views (extraction.views: 0)")
+            raise _no_views(self.fp)
         return RowTable(child_group(self.group, "views"), self.read_only)
 
     def views_of(self, recipe: str) -> RowTable | None:
@@ -114,6 +113,59 @@ class Extractor:
                      chunks=(max(1, len(features)), features.shape[1]))
         commit(self.root, draft, {})
         return key
+
+
+class LayeredExtractor(Extractor):
+    """One extractor read across a store's layers (working store first, then its upstreams):
+    features, views and text sets are found in whichever layer holds them; everything written
+    goes to the working store's part, which exists once `create_extractor` made it."""
+
+    def __init__(self, parts: list[Extractor], writable: Extractor | None) -> None:
+        super().__init__((writable or parts[0]).root, (writable or parts[0]).group,
+                         read_only=writable is None)
+        self.parts = parts
+        self.writable = writable
+
+    @cached_property
+    def images(self) -> RowTable:
+        own = self.writable.images if self.writable else None
+        return LayeredRows([p.images for p in self.parts], own)
+
+    @cached_property
+    def view_table(self) -> RowTable:
+        found = self.views_of("primary")
+        assert found is not None  # views_of("primary") raises rather than return None
+        return found
+
+    def views_of(self, recipe: str) -> RowTable | None:
+        if self.views == 0:
+            if recipe == "primary":
+                raise _no_views(self.fp)
+            return None
+        tables = [(p, t) for p in self.parts if (t := p.views_of(recipe)) is not None]
+        if not tables:
+            return None
+        own = next((t for p, t in tables if p is self.writable), None)
+        return LayeredRows([t for _, t in tables], own)
+
+    def has_texts(self, template: str, classnames: tuple[str, ...]) -> bool:
+        return any(p.has_texts(template, classnames) for p in self.parts)
+
+    def texts(self, template: str, classnames: tuple[str, ...]) -> TextFeatures | None:
+        for part in self.parts:
+            found = part.texts(template, classnames)
+            if found is not None:
+                return found
+        return None
+
+    def text_groups(self) -> list[str]:
+        return sorted({g for p in self.parts for g in p.text_groups()})
+
+    def write_texts(self, template: str, classnames: tuple[str, ...], features: np.ndarray) -> str:
+        if self.writable is None:
+            raise StoreError(f"extractor {self.fp[:12]}: only upstream stores hold it, and they "
+                             "are read-only")
+        return self.writable.write_texts(template, classnames, features)
 
 
 class StoredDataset:
@@ -177,6 +229,11 @@ class StoredDataset:
         whole val split (numpy)."""
         name = fewshot_val_name(shots, seed)
         return self.array(name) if name in self.group else None
+
+
+def _no_views(fp: str) -> ExtractorMismatchError:
+    return ExtractorMismatchError(f"extractor {fp[:12]} was built without augmented views "
+                                  "(extraction.views: 0)")
 
 
 def view_table_name(recipe: str) -> str:

@@ -146,3 +146,81 @@ class RowWriter:
         self._buffered -= n
         self.written += n
         self.start = stop
+
+
+class LayeredRows(RowTable):
+    """One extractor table across a store's layers, read as one table: the working store's rows
+    first, then each upstream's. A key held by several layers resolves to the first. Appends go
+    to the working store's table only; a table no layer writes is read-only."""
+
+    def __init__(self, tables: list[RowTable], writable: RowTable | None) -> None:
+        if not tables:
+            raise StoreError("a layered table needs at least one layer")
+        if writable is not None and tables[0] is not writable:
+            raise StoreError("the writable layer of a layered table must come first")
+        columns = tables[0].columns
+        for t in tables[1:]:
+            if t.columns != columns:
+                raise StoreError(f"{t.group.path}: columns {t.columns} differ from the working "
+                                 f"layer's {columns}; the stores hold different table layouts")
+        super().__init__(tables[0].group, writable is None)
+        self.tables = tables
+        self.writable = writable
+        self._layered: tuple[tuple[int, ...], dict[bytes, int]] | None = None
+
+    def _counts(self) -> tuple[int, ...]:
+        return tuple(t.rows for t in self.tables)
+
+    @property
+    def rows(self) -> int:
+        return sum(self._counts())
+
+    def check(self) -> int:
+        return sum(t.check() for t in self.tables)
+
+    @property
+    def chunk_rows(self) -> int:
+        return (self.writable or self.tables[0]).chunk_rows
+
+    @property
+    def columns(self) -> list[str]:
+        return self.tables[0].columns
+
+    def keys(self) -> np.ndarray:
+        return np.concatenate([t.keys() for t in self.tables])
+
+    def index(self) -> dict[bytes, int]:
+        counts = self._counts()
+        if self._layered is None or self._layered[0] != counts:
+            merged: dict[bytes, int] = {}
+            offset = 0
+            for table, n in zip(self.tables, counts, strict=True):
+                for key, row in table.index().items():
+                    merged.setdefault(key, offset + row)  # the first layer holding it wins
+                offset += n
+            self._layered = (counts, merged)
+        return self._layered[1]
+
+    def read(self, column: str, rows: np.ndarray | None = None) -> np.ndarray:
+        if rows is None:
+            return np.concatenate([t.read(column) for t in self.tables])
+        rows = np.asarray(rows, dtype=np.int64)
+        total = self.rows
+        if rows.size and (rows.min() < 0 or rows.max() >= total):
+            raise StoreError(f"{self.group.path}: row index out of the committed range "
+                             f"[0, {total}) of its layers")
+        parts = [t.read(column, np.zeros(0, np.int64)) for t in self.tables]
+        out = np.zeros((len(rows), *parts[0].shape[1:]), dtype=parts[0].dtype)
+        offset = 0
+        for table, n in zip(self.tables, self._counts(), strict=True):
+            mine = (rows >= offset) & (rows < offset + n)
+            if mine.any():
+                out[mine] = table.read(column, rows[mine] - offset)
+            offset += n
+        return out
+
+    def writer(self) -> RowWriter:
+        if self.writable is None:
+            raise StoreReadOnlyError(f"{self.group.path}: no layer of this table is writable "
+                                     "(upstream stores are read-only)")
+        return self.writable.writer()

@@ -8,7 +8,7 @@ write beside one on S3; `locations.py`); any number may read it, locally or thro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from .locations import (
     take_lock,
     zarr_store,
 )
-from .records import Extractor, StoredDataset, view_table_name
+from .records import Extractor, LayeredExtractor, StoredDataset, view_table_name
 from .rows import RowTable
 from .zarr_nodes import attrs_of, child_group, utcnow, write_sealed
 
@@ -36,20 +36,51 @@ TOP_GROUPS = ("extractors", "datasets")
 
 
 class FeatureStore:
-    """A shipyard store at a local path or fsspec URL, opened read-only or for writing."""
+    """A shipyard store at a local path or fsspec URL, opened read-only or for writing.
+
+    A working store may sit on read-only upstream stores (another team's, a published copy):
+    every lookup goes through the layers, the working store first; every write goes to the
+    working store. Content keys make this safe: one key is one content in whichever layer."""
 
     def __init__(self, root: zarr.Group, location: str, read_only: bool,
-                 lock_file: Any | None = None) -> None:
+                 lock_file: Any | None = None, upstreams: Sequence[FeatureStore] = ()) -> None:
         self.root = root
         self.location = location
         self.read_only = read_only
         self._lock_file = lock_file
+        self.upstreams: tuple[FeatureStore, ...] = tuple(upstreams)
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
     def open(cls, location: str, *, read_only: bool = True, create: bool = False,
-             options: dict[str, Any] | None = None) -> FeatureStore:
-        """Open a store. Writers take the store's lock; `create` makes a new store if none."""
+             options: dict[str, Any] | None = None,
+             upstreams: Sequence[tuple[str, dict[str, Any]]] = ()) -> FeatureStore:
+        """Open a store. Writers take the store's lock; `create` makes a new store if none.
+        `upstreams`: (location, fsspec options) of read-only stores read below this one."""
+        below = open_upstreams(upstreams)  # first: an unreachable upstream creates nothing here
+        try:
+            store = cls._open_one(location, read_only, create, options)
+        except BaseException:
+            for up in below:
+                up.close()
+            raise
+        store.upstreams = below
+        return store
+
+    @classmethod
+    def over_upstreams(cls, location: str,
+                       upstreams: Sequence[tuple[str, dict[str, Any]]]) -> FeatureStore:
+        """A read-only view of a working store that does not exist yet over its upstreams: what
+        `status` and `--dry-run` read before the first write."""
+        root = zarr.open_group(zarr.storage.MemoryStore(), mode="w",
+                               attributes={"shipyard_format": STORE_FORMAT})
+        for name in TOP_GROUPS:
+            root.create_group(name)
+        return cls(root, location, True, None, open_upstreams(upstreams))
+
+    @classmethod
+    def _open_one(cls, location: str, read_only: bool, create: bool,
+                  options: dict[str, Any] | None) -> FeatureStore:
         try:
             exists = store_exists(location, options)
         except StoreError:
@@ -91,6 +122,19 @@ class FeatureStore:
     def close(self) -> None:
         release_lock(self._lock_file)
         self._lock_file = None
+        for up in self.upstreams:
+            up.close()
+
+    @property
+    def layers(self) -> tuple[FeatureStore, ...]:
+        """This store, then its upstreams: the order every lookup follows."""
+        return (self.own(), *self.upstreams)
+
+    def own(self) -> FeatureStore:
+        """This store alone, without its upstreams (what `store info` and `verify` read)."""
+        if not self.upstreams:
+            return self
+        return FeatureStore(self.root, self.location, self.read_only)
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -109,7 +153,12 @@ class FeatureStore:
 
     # -- artefacts ---------------------------------------------------------------------------------
     def lookup(self, ref: Ref) -> zarr.Group | None:
-        return artifacts.lookup(self.root, ref)
+        """The committed artefact in the first layer that holds it."""
+        for layer in (self, *self.upstreams):
+            found = artifacts.lookup(layer.root, ref)
+            if found is not None:
+                return found
+        return None
 
     def begin(self, ref: Ref, record: dict[str, Any], resume: bool = True) -> Draft:
         return artifacts.begin(self.root, ref, record, self.read_only, resume)
@@ -119,21 +168,37 @@ class FeatureStore:
 
     # -- extractors ------------------------------------------------------------------------------
     def extractor_fps(self) -> list[str]:
-        """Extractors whose layout is complete (a layout killed half-way is not one yet)."""
+        """Extractors whose layout is complete (a layout killed half-way is not one yet), in
+        any layer."""
+        return sorted({fp for layer in self.layers for fp in layer._own_fps()})
+
+    def _own_fps(self) -> list[str]:
         groups = self._group("extractors")
-        return sorted(fp for fp in groups.group_keys()
-                      if attrs_of(child_group(groups, fp)).get("complete_layout"))
+        return [fp for fp in groups.group_keys()
+                if attrs_of(child_group(groups, fp)).get("complete_layout")]
+
+    def _own_extractor(self, fp: str) -> Extractor | None:
+        groups = self._group("extractors")
+        if fp not in groups or not attrs_of(child_group(groups, fp)).get("complete_layout"):
+            return None
+        return Extractor(self.root, child_group(groups, fp), self.read_only)
 
     def extractor(self, fp: str) -> Extractor:
-        if not self.has_extractor(fp):
+        """The extractor's features in every layer that holds some, read as one."""
+        own = self._own_extractor(fp)
+        parts = [e for e in [own, *(u._own_extractor(fp) for u in self.upstreams)] if e]
+        if not parts:
             known = ", ".join(f[:12] for f in self.extractor_fps()) or "none"
-            raise ExtractorMismatchError(f"{self.location} has no features of extractor {fp[:12]} "
+            where = self.location + (f" (and its {len(self.upstreams)} upstream stores)"
+                                     if self.upstreams else "")
+            raise ExtractorMismatchError(f"{where} has no features of extractor {fp[:12]} "
                                          f"(it has: {known}); run `shipyard extract`")
-        return Extractor(self.root, child_group(self._group("extractors"), fp), self.read_only)
+        if len(parts) == 1 and parts[0] is own:
+            return own
+        return LayeredExtractor(parts, own if own is not None and not self.read_only else None)
 
     def has_extractor(self, fp: str) -> bool:
-        groups = self._group("extractors")
-        return fp in groups and bool(attrs_of(child_group(groups, fp)).get("complete_layout"))
+        return any(layer._own_extractor(fp) is not None for layer in self.layers)
 
     def create_extractor(self, fp: str, description: dict[str, Any], dim: int, views: int,
                          chunk_rows: int) -> Extractor:
@@ -141,7 +206,7 @@ class FeatureStore:
         self._check_writable()
         if fingerprint(description) != fp:
             raise StoreError("extractor fingerprint does not match its description")
-        if self.has_extractor(fp):
+        if self._own_extractor(fp) is not None:
             return self.extractor(fp)
         groups = self._group("extractors")
         refuse_links(self.root, f"extractors/{fp}")
@@ -156,35 +221,47 @@ class FeatureStore:
                             max(1, chunk_rows // views))
         group.create_group("texts")
         group.attrs["complete_layout"] = True  # a layout killed half-way is simply rebuilt
-        return Extractor(self.root, group, read_only=False)
+        return self.extractor(fp)
 
     def create_view_table(self, ex: Extractor, recipe: str, description: dict[str, Any],
                           chunk_rows: int) -> RowTable:
         """The view table of a named recipe in extractor `ex`, created when absent: the same
         layout as the primary views (unit vectors and norms, V per image)."""
         self._check_writable()
-        found = ex.views_of(recipe)
-        if found is not None:
-            return found
-        if fingerprint(description) != recipe:
-            raise StoreError("view recipe key does not match its description")
-        name = view_table_name(recipe)
-        refuse_links(self.root, f"extractors/{ex.fp}/{name}")
-        if name in ex.group:  # a creation killed half-way: rebuilt (it held no committed rows)
-            del ex.group[name]
-        table = RowTable.create(ex.group, name, {"features": ((ex.views, ex.dim), "float16"),
-                                                 "norms": ((ex.views,), "float32")},
-                                max(1, chunk_rows // ex.views))
-        table.group.attrs.update({"recipe": description, "complete_layout": True})
-        return table
+        own = self._own_extractor(ex.fp)
+        if own is None:
+            raise StoreError(f"extractor {ex.fp[:12]}: create it in {self.location} first")
+        if own.views_of(recipe) is None:
+            if fingerprint(description) != recipe:
+                raise StoreError("view recipe key does not match its description")
+            name = view_table_name(recipe)
+            refuse_links(self.root, f"extractors/{ex.fp}/{name}")
+            if name in own.group:  # a creation killed half-way: rebuilt (no committed rows)
+                del own.group[name]
+            table = RowTable.create(own.group, name, {"features": ((ex.views, ex.dim), "float16"),
+                                                      "norms": ((ex.views,), "float32")},
+                                    max(1, chunk_rows // ex.views))
+            table.group.attrs.update({"recipe": description, "complete_layout": True})
+        found = self.extractor(ex.fp).views_of(recipe)  # with the upstreams' rows of the recipe
+        assert found is not None  # the working store's table exists now
+        return found
 
     # -- datasets --------------------------------------------------------------------------------
     def dataset_names(self) -> list[str]:
-        """Datasets with a committed records version (one still being written is not one yet)."""
-        return sorted(n for n in self._group("datasets").group_keys()
-                      if self.dataset_version(n) is not None)
+        """Datasets with a committed records version (one still being written is not one yet),
+        in any layer."""
+        return sorted({n for layer in self.layers for n in layer._group("datasets").group_keys()
+                       if layer._own_version(n) is not None})
 
     def dataset_version(self, name: str) -> str | None:
+        """The current records version: the working store's, else the first upstream's."""
+        for layer in self.layers:
+            version = layer._own_version(name)
+            if version is not None:
+                return version
+        return None
+
+    def _own_version(self, name: str) -> str | None:
         groups = self._group("datasets")
         if name not in groups:
             return None
@@ -218,6 +295,24 @@ class FeatureStore:
         for path, node in self.root.members(max_depth=None):
             if isinstance(node, zarr.Array):
                 yield path, node
+
+
+def open_upstreams(upstreams: Sequence[tuple[str, dict[str, Any]]]) -> tuple[FeatureStore, ...]:
+    """Every upstream store, read-only (no lock is taken, nothing is ever written there)."""
+    opened: list[FeatureStore] = []
+    try:
+        for location, options in upstreams:
+            try:
+                opened.append(FeatureStore._open_one(location, True, False, options))
+            except StoreMissingError:
+                raise StoreError(f"upstream store {location}: no shipyard store there") from None
+            except StoreError as exc:
+                raise StoreError(f"upstream store {location}: {exc}") from None
+    except BaseException:
+        for store in opened:
+            store.close()
+        raise
+    return tuple(opened)
 
 
 def _record_chunks(value: np.ndarray) -> tuple[int, ...]:

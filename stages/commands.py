@@ -31,7 +31,9 @@ def stage_command(manifest: Manifest, stage: str, request: Request, *, device: s
         if stage == "extract" and strict:
             extract.strict_failures(list(plan.datasets.values()))
 
-    with open_writable(manifest, env, request, check, create=stage == "extract") as (store, plan):
+    # Over upstreams any stage may be the first to write: the working store is made then.
+    create = stage == "extract" or bool(manifest.upstream)
+    with open_writable(manifest, env, request, check, create=create) as (store, plan):
         targets = [j for name in names for j in plan.of(name)]
         try:
             results = execute(plan, env, store, targets, force=stage if force else None)
@@ -107,13 +109,15 @@ def open_writable(manifest: Manifest, env: Environment, request: Request,
     nothing, and a store that does not exist yet is created only once a plan made without it
     passed `check`."""
     try:
-        store = FeatureStore.open(manifest.store, read_only=False, options=manifest.store_options)
+        store = FeatureStore.open(manifest.store, read_only=False, options=manifest.store_options,
+                                  upstreams=manifest.upstreams)
     except StoreMissingError:
         if not create:
             raise
-        check(build_plan(env, None, request))
+        with open_existing(manifest) as below:  # the upstreams' view, before anything is made
+            check(build_plan(env, below, request))
         store = FeatureStore.open(manifest.store, read_only=False, create=True,
-                                  options=manifest.store_options)
+                                  options=manifest.store_options, upstreams=manifest.upstreams)
     with store:
         plan = build_plan(env, store, request)
         check(plan)
@@ -122,11 +126,15 @@ def open_writable(manifest: Manifest, env: Environment, request: Request,
 
 @contextmanager
 def open_existing(manifest: Manifest) -> Iterator[FeatureStore | None]:
-    """The store read-only, or None when there is none yet."""
+    """The store read-only (over its upstreams), or None when there is none yet and nothing
+    below it."""
     try:
-        store = FeatureStore.open(manifest.store, read_only=True, options=manifest.store_options)
+        store = FeatureStore.open(manifest.store, read_only=True, options=manifest.store_options,
+                                  upstreams=manifest.upstreams)
     except StoreMissingError:
-        yield None
-        return
+        if not manifest.upstream:
+            yield None
+            return
+        store = FeatureStore.over_upstreams(manifest.store, manifest.upstreams)
     with store:
         yield store

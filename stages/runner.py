@@ -313,7 +313,9 @@ def _check_ready(plan: Plan, store: FeatureStore, targets: list[Job]) -> None:
 def _run_job(stage: Stage, job: Job, env: Environment, store: FeatureStore,
              forced: bool) -> Result:
     started = time.perf_counter()
-    existing = store.lookup(stage.ref(job)) if stage.appendable and not forced else None
+    # Only the working store's artefacts are extended; one an upstream holds is read-only, and a
+    # longer one is built here under the same key (found first from then on).
+    existing = store.own().lookup(stage.ref(job)) if stage.appendable and not forced else None
     if existing is not None:  # extend a committed artefact row by row
         outcome = stage.compute(Work(job, env, store, existing))
         return Result(job, "extended", outcome.summary, time.perf_counter() - started)

@@ -22,6 +22,7 @@ def status(manifest: Manifest, request: Request, *, device: str = "auto",
            report_dir: Path | None = None) -> Summary:
     env = Environment(manifest, device, progress, cache_dir, report_dir)
     out: dict[str, Any] = {"stage": "status", "store": manifest.store, "extractor": None,
+                           "upstream": [u.location for u in manifest.upstream],
                            "up_to_date": False, "stale": [], "datasets": [], "broken": []}
     with open_existing(manifest) as store:
         plan = build_plan(env, store, request)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -243,3 +245,109 @@ def test_a_store_published_to_s3_reads_back_identical_and_is_never_written(
     with pytest.raises(StoreReadOnlyError, match="is a published store"):
         FeatureStore.open(url, read_only=False, options=_options(s3_endpoint))
     assert not fs.exists("team-a/features.zarr.lock")
+
+
+# -- two teams: one publishes, the other builds on it with read-only credentials ---------------
+
+class _Requests(logging.Handler):
+    """The server's request log lines ("PUT /bucket/key HTTP/1.1" 200)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def writes_to(self, bucket: str) -> list[str]:
+        # A refused request's line is coloured: "\x1b[31m\x1b[1mPUT /bucket/key ...".
+        return [line for line in self.lines
+                if re.search(rf"(?<![A-Z])(PUT|POST|DELETE) /{bucket}[/ ?]", line)]
+
+
+def _read_only_key(endpoint: str, bucket: str) -> dict[str, str]:
+    """An IAM user allowed to list and read one bucket, nothing else: its access key."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+    iam.create_user(UserName="team-b")
+    iam.put_user_policy(UserName="team-b", PolicyName="read-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation"],
+            "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
+    key = iam.create_access_key(UserName="team-b")["AccessKey"]
+    return {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+
+
+BUCKET = "team-a-shares"  # moto's buckets live as long as the process: one name per test
+
+
+def test_team_b_builds_on_team_as_published_store_with_read_only_credentials(
+        tmp_path: Path, small_demo: Path, s3_endpoint: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import moto.iam.access_control
+    import moto.settings
+
+    def manifest(store: Path, upstream: list[Any] | None = None) -> Path:
+        d = manifest_dict(small_demo, store)
+        d["ship"] = {"epochs": 3, "synthesize": {"per_class": 4}}
+        d["heads"] = {"methods": ["zero-shot", "coop+ship", "tip-adapter+ship"],
+                      "overrides": {"coop": {"epochs": 3}}}
+        d["datasets"][0]["seeds"] = [1]
+        if upstream:
+            d["upstream"] = upstream
+        return write_manifest(tmp_path / f"{store.stem}.yaml", d)
+
+    def cli(path: Path, *args: str) -> dict[str, Any]:
+        result = CliRunner().invoke(app, ["--manifest", str(path), "--device", "cpu", *args,
+                                          "--json"])
+        assert result.exit_code == 0, result.output
+        return dict(json.loads(result.stdout))
+
+    a = manifest(tmp_path / "a.zarr")
+    for stage in ("extract", "train-generator", "synthesize"):
+        cli(a, stage)
+    s3fs.S3FileSystem(**_options(s3_endpoint)).mkdir(BUCKET)
+    url = f"s3://{BUCKET}/features.zarr"
+    published = CliRunner().invoke(app, ["store", "publish", str(tmp_path / "a.zarr"), url])
+    assert published.exit_code == 0, published.output
+
+    key = _read_only_key(s3_endpoint, BUCKET)
+    requests = _Requests()
+    log = logging.getLogger("werkzeug")
+    monkeypatch.setattr(log, "level", logging.INFO)
+    monkeypatch.setattr(log, "propagate", False)
+    log.addHandler(requests)
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # IAM enforced now
+    # moto recomputes request signatures from a decoded query string and so rejects every
+    # listing whose prefix holds a "/"; the policy is what is under test, the signing is not.
+    monkeypatch.setattr(moto.iam.access_control.IAMRequestBase, "check_signature",
+                        lambda self: None)
+    try:
+        options = {**key, "client_kwargs": {"endpoint_url": s3_endpoint}}
+        b = manifest(tmp_path / "b.zarr", [{"location": url, "options": options}])
+        trained = cli(b, "train-adapter", "--method", "coop", "--synthetic", "auto")
+        cached = cli(b, "build-cache", "--synthetic", "auto")
+        b_eval = cli(b, "evaluate")
+        b_run = cli(b, "run")
+        with pytest.raises(PermissionError):  # the credentials are read-only indeed
+            s3fs.S3FileSystem(**options).pipe_file(f"{BUCKET}/probe", b"x")
+        for _ in range(50):  # the server logs a request once its answer is sent
+            if requests.writes_to(BUCKET):
+                break
+            time.sleep(0.05)
+        forbidden = requests.writes_to(BUCKET)
+    finally:
+        log.removeHandler(requests)
+    assert [line for line in forbidden if "probe" not in line] == []  # shipyard wrote nothing
+    assert len(forbidden) == 1  # the probe was seen, so writes are counted
+    assert sum(f'"GET /{BUCKET}/' in line for line in requests.lines) > 0  # it was read
+    assert {j["status"] for j in b_run["jobs"] if not j["id"].startswith("report")} == \
+        {"up to date"}
+
+    a_eval = cli(a, "run")["stages"]["evaluate"]  # team A's own run on the same manifest
+    assert [d["table"] for d in b_eval["datasets"]] == [d["table"] for d in a_eval["datasets"]]
+    with FeatureStore.open(str(tmp_path / "b.zarr")) as own:
+        assert own.extractor_fps() == [] and own.dataset_names() == []  # no image features
+    assert (trained["stage"], cached["stage"]) == ("train-adapter", "build-cache")
+
