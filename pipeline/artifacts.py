@@ -180,8 +180,13 @@ class Slots:
 
     @classmethod
     def scan(cls, root: zarr.Group, kinds: tuple[Kind, ...] = FOLDER_KINDS) -> Slots:
+        return cls.over([root], kinds)
+
+    @classmethod
+    def over(cls, roots: list[zarr.Group], kinds: tuple[Kind, ...] = FOLDER_KINDS) -> Slots:
+        """The newest artefact of each job id in any of these stores (a store's layers)."""
         out = cls()
-        for kind in kinds:
+        for kind, root in ((k, r) for k in kinds for r in roots):
             holder = _node(root, kind.folder)
             if holder is None:
                 continue

@@ -87,7 +87,7 @@ def dry_run(manifest: Manifest, request: Request, *, device: str = "auto",
     env = Environment(manifest, device, progress, cache_dir, report_dir)
     with open_existing(manifest) as store:
         plan = build_plan(env, store, request)
-        slots = Slots.scan(store.root) if store else None
+        slots = Slots.over([layer.root for layer in store.layers]) if store else None
         jobs = [job_state(j, store, slots) for j in plan.closure(reports(plan, request))]
     return {"stage": "run", "dry_run": True, "extractor": plan.extractor, "jobs": jobs,
             "broken": [{"name": n, "error": e} for n, e in plan.broken.items()]}

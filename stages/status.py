@@ -27,7 +27,7 @@ def status(manifest: Manifest, request: Request, *, device: str = "auto",
     with open_existing(manifest) as store:
         plan = build_plan(env, store, request)
         out["extractor"] = plan.extractor
-        slots = Slots.scan(store.root) if store else None
+        slots = Slots.over([layer.root for layer in store.layers]) if store else None
         if store is None:
             out["reason"] = f"no shipyard store at {manifest.store} yet; `extract` creates it"
         wanted = plan.closure(plan.of("report"))

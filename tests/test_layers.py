@@ -249,3 +249,14 @@ def test_a_layered_table_appends_to_the_working_layer_only() -> None:
         LayeredRows([up], None).writer()
     with pytest.raises(StoreError, match="must come first"):
         LayeredRows([up, own], own)
+
+
+def test_status_says_what_changed_against_an_upstreams_artefact(
+        tmp_path: Path, team_a: tuple[Path, Path]) -> None:
+    data, a_path = team_a
+    d = team_manifest(data, tmp_path / "b.zarr", [str(a_path.parent / "a.zarr")])
+    d["ship"]["epochs"] = 4
+    out = json.loads(invoke("--manifest", str(write_manifest(tmp_path / "b.yaml", d)), "--device",
+                            "cpu", "status", "--json").stdout)
+    jobs = {j["id"]: j for ds in out["datasets"] for j in ds["jobs"]}
+    assert jobs["generator:demo:seed1"]["reasons"] == ["params.train.epochs 3 -> 4"]  # not "not built yet"
