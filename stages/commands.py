@@ -15,7 +15,7 @@ from ..pipeline.progress import Progress
 from ..pipeline.store import FeatureStore
 from . import extract
 from .base import Environment, Job
-from .runner import STAGES, Plan, Request, Result, build_plan, execute, staleness
+from .runner import STAGES, Plan, Request, Result, build_plan, check_ready, execute, staleness
 from .summaries import Summary, summarize
 
 
@@ -26,10 +26,12 @@ def stage_command(manifest: Manifest, stage: str, request: Request, *, device: s
     env = Environment(manifest, device, progress, cache_dir, report_dir, strict)
     names = (stage, "report") if stage == "evaluate" else (stage,)
 
-    def check(plan: Plan) -> None:  # before anything is written
+    def check(plan: Plan, store: FeatureStore | None) -> None:  # before anything is written
         plan.raise_broken()
         if stage == "extract" and strict:
             extract.strict_failures(list(plan.datasets.values()))
+        if store is not None and store.read_only:  # upstreams only: refuse before creating
+            check_ready(plan, store, [j for name in names for j in plan.of(name)])
 
     # Over upstreams any stage may be the first to write: the working store is made then.
     create = stage == "extract" or bool(manifest.upstream)
@@ -49,7 +51,8 @@ def run_all(manifest: Manifest, request: Request, *, device: str = "auto",
     """Every stale job of the manifest, in dependency order; `force` recomputes one stage's."""
     env = Environment(manifest, device, progress, cache_dir, report_dir)
     results: list[Result] = []
-    with open_writable(manifest, env, request, Plan.raise_broken, create=True) as (store, plan):
+    with open_writable(manifest, env, request, lambda plan, _store: plan.raise_broken(),
+                       create=True) as (store, plan):
         try:
             extracts = [j for j in plan.closure(reports(plan, request)) if j.stage == "extract"]
             results = execute(plan, env, store, extracts)
@@ -102,7 +105,7 @@ def job_state(job: Job, store: FeatureStore | None, slots: Slots | None) -> dict
 
 @contextmanager
 def open_writable(manifest: Manifest, env: Environment, request: Request,
-                  check: Callable[[Plan], None], create: bool,
+                  check: Callable[[Plan, FeatureStore | None], None], create: bool,
                   ) -> Iterator[tuple[FeatureStore, Plan]]:
     """The store opened for writing (under its lock) and the plan made under that lock, after
     `check` accepted the plan. Nothing is written before: opening an existing store writes
@@ -115,12 +118,12 @@ def open_writable(manifest: Manifest, env: Environment, request: Request,
         if not create:
             raise
         with open_existing(manifest) as below:  # the upstreams' view, before anything is made
-            check(build_plan(env, below, request))
+            check(build_plan(env, below, request), below)
         store = FeatureStore.open(manifest.store, read_only=False, create=True,
                                   options=manifest.store_options, upstreams=manifest.upstreams)
     with store:
         plan = build_plan(env, store, request)
-        check(plan)
+        check(plan, store)
         yield store, plan
 
 

@@ -231,7 +231,7 @@ def execute(plan: Plan, env: Environment, store: FeatureStore, targets: list[Job
     """Run the stale jobs among `targets` (and, `with_deps`, among what they read)."""
     order = plan.closure(targets) if with_deps else targets
     if not with_deps:
-        _check_ready(plan, store, targets)
+        check_ready(plan, store, targets)
     for job in order:
         for ref in plan.requires.get(job.id, ()):
             if store.lookup(ref) is None:
@@ -295,7 +295,7 @@ def _run_derived(stage: Stage, job: Job, env: Environment, store: FeatureStore) 
     return Result(job, "built", outcome.summary, time.perf_counter() - started)
 
 
-def _check_ready(plan: Plan, store: FeatureStore, targets: list[Job]) -> None:
+def check_ready(plan: Plan, store: FeatureStore, targets: list[Job]) -> None:
     ids = {t.id for t in targets}
     checked: set[str] = set()  # one upstream job is read by many targets: check it once
     for job in targets:

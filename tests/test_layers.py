@@ -260,3 +260,15 @@ def test_status_says_what_changed_against_an_upstreams_artefact(
                             "cpu", "status", "--json").stdout)
     jobs = {j["id"]: j for ds in out["datasets"] for j in ds["jobs"]}
     assert jobs["generator:demo:seed1"]["reasons"] == ["params.train.epochs 3 -> 4"]  # not "not built yet"
+
+
+def test_a_stage_whose_inputs_no_layer_holds_is_refused_before_the_working_store_is_made(
+        tmp_path: Path, team_a: tuple[Path, Path]) -> None:
+    data, a_path = team_a
+    d = team_manifest(data, tmp_path / "b.zarr", [str(a_path.parent / "a.zarr")])
+    d["ship"]["epochs"] = 4  # team A's generators were trained for 3
+    result = invoke("--manifest", str(write_manifest(tmp_path / "b.yaml", d)), "--device", "cpu",
+                    "train-adapter", "--method", "coop", "--synthetic", "auto")
+    assert result.exit_code == 2  # a usage error, as without upstreams
+    assert "needs generator:demo:seed1, which is not up to date" in result.output
+    assert not (tmp_path / "b.zarr").exists()
