@@ -23,7 +23,7 @@ import typer
 
 from . import cli_text
 from .pipeline import registry
-from .pipeline.errors import ShipyardError, StoreMissingError, UsageError
+from .pipeline.errors import ShipyardError, UsageError
 from .pipeline.locations import is_url
 from .pipeline.manifest import Device, Manifest
 from .pipeline.manifest_files import load_manifest
@@ -423,14 +423,8 @@ def store_info(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     def work() -> dict[str, Any]:
         location, options = g.store_location()
         upstreams = [] if g.store else g.load().upstreams  # --store names one store alone
-        try:
-            store = FeatureStore.open(location, read_only=True, options=options,
-                                      upstreams=upstreams)
-        except StoreMissingError:
-            if not upstreams:
-                raise
-            store = FeatureStore.over_upstreams(location, upstreams)  # not written yet
-        with store:
+        with FeatureStore.open(location, read_only=True, options=options, upstreams=upstreams,
+                               empty_if_missing=True) as store:
             return {**info(store.own()), "upstream": [info(u) for u in store.upstreams]}
 
     _run(g, as_json, work, cli_text.info_text)

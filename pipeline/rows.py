@@ -209,8 +209,8 @@ class LayeredRows(RowTable):
         if rows.size and (rows.min() < 0 or rows.max() >= total):
             raise StoreError(f"{self.group.path}: row index out of the committed range "
                              f"[0, {total}) of its layers")
-        parts = [t.read(column, np.zeros(0, np.int64)) for t in self.tables]
-        out = np.zeros((len(rows), *parts[0].shape[1:]), dtype=parts[0].dtype)
+        first = self.tables[0].array(column)
+        out = np.zeros((len(rows), *first.shape[1:]), dtype=first.dtype)
         offset = 0
         for table, n in zip(self.tables, self._counts(), strict=True):
             mine = (rows >= offset) & (rows < offset + n)

@@ -54,12 +54,20 @@ class FeatureStore:
     @classmethod
     def open(cls, location: str, *, read_only: bool = True, create: bool = False,
              options: dict[str, Any] | None = None,
-             upstreams: Sequence[tuple[str, dict[str, Any]]] = ()) -> FeatureStore:
+             upstreams: Sequence[tuple[str, dict[str, Any]]] = (),
+             empty_if_missing: bool = False) -> FeatureStore:
         """Open a store. Writers take the store's lock; `create` makes a new store if none.
-        `upstreams`: (location, fsspec options) of read-only stores read below this one."""
+        `upstreams`: (location, fsspec options) of read-only stores read below this one.
+        `empty_if_missing` (read-only, with upstreams): a working store not written yet reads as
+        an empty layer over them, as `status`, `store info` and dry runs see it."""
         below = open_upstreams(upstreams)  # first: an unreachable upstream creates nothing here
         try:
-            store = cls._open_one(location, read_only, create, options)
+            try:
+                store = cls._open_one(location, read_only, create, options)
+            except StoreMissingError:
+                if not (empty_if_missing and read_only and below):
+                    raise
+                store = cls._empty(location)
         except BaseException:
             for up in below:
                 up.close()
@@ -68,15 +76,13 @@ class FeatureStore:
         return store
 
     @classmethod
-    def over_upstreams(cls, location: str,
-                       upstreams: Sequence[tuple[str, dict[str, Any]]]) -> FeatureStore:
-        """A read-only view of a working store that does not exist yet over its upstreams: what
-        `status` and `--dry-run` read before the first write."""
+    def _empty(cls, location: str) -> FeatureStore:
+        """A read-only, in-memory stand-in for a working store that does not exist yet."""
         root = zarr.open_group(zarr.storage.MemoryStore(), mode="w",
                                attributes={"shipyard_format": STORE_FORMAT})
         for name in TOP_GROUPS:
             root.create_group(name)
-        return cls(root, location, True, None, open_upstreams(upstreams))
+        return cls(root, location, True)
 
     @classmethod
     def _open_one(cls, location: str, read_only: bool, create: bool,

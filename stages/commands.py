@@ -133,11 +133,9 @@ def open_existing(manifest: Manifest) -> Iterator[FeatureStore | None]:
     below it."""
     try:
         store = FeatureStore.open(manifest.store, read_only=True, options=manifest.store_options,
-                                  upstreams=manifest.upstreams)
+                                  upstreams=manifest.upstreams, empty_if_missing=True)
     except StoreMissingError:
-        if not manifest.upstream:
-            yield None
-            return
-        store = FeatureStore.over_upstreams(manifest.store, manifest.upstreams)
+        yield None
+        return
     with store:
         yield store
