@@ -464,6 +464,36 @@ def store_publish(
                                      progress=_progress(g)), cli_text.publish_text)
 
 
+@store_app.command("gc")
+def store_gc(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed; change "
+                                          "nothing.")] = False,
+    grace: Annotated[str, typer.Option(help="Keep incomplete artefacts touched within this long "
+                                       "(90s, 30m, 24h, 7d): an interrupted run may resume them."
+                                       )] = "24h",
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove what the working store holds that nothing current needs: artefacts superseded by
+    the manifest's (or a newer one), old records versions, orphans, stale incomplete artefacts,
+    finished generators' checkpoints, rows past the committed count, killed writes' temporary
+    files. Under the writer lock; refused on published stores; upstreams are never written."""
+    from .pipeline.collect import parse_duration
+    from .stages.gc import gc
+
+    g: Globals = ctx.obj
+
+    def work() -> Summary:
+        try:
+            seconds = parse_duration(grace)
+        except ValueError as exc:
+            raise UsageError(f"--grace {exc}") from None
+        return gc(g.load(), dry_run=dry_run, grace_seconds=seconds, device=g.device,
+                  progress=_progress(g))
+
+    _run(g, as_json, work, cli_text.gc_text)
+
+
 @store_app.command("unlock")
 def store_unlock(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Remove the writer lock a killed writer left beside a store on S3 (only when that writer is

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -176,6 +177,38 @@ def publish_text(s: Summary) -> str:
     lines = [f"published {s['source']} to {s['store']}: {s['arrays']} arrays, "
              f"{s['bytes'] / 2**20:.1f} MiB, verified"]
     lines += [f"  left out (incomplete): {p}" for p in s["left_out"][:20]]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+GC_LISTED = 40  # removals listed in text; --json lists every one
+
+
+def gc_text(s: Summary) -> str:
+    """One line per removal (reason, path, job, why, size), then the totals."""
+    verb = "would remove" if s["dry_run"] else "removed"
+    lines = [f"store gc {s['store']}{' (dry run)' if s['dry_run'] else ''}: {verb} "
+             f"{len(s['removed'])} items, {'would free' if s['dry_run'] else 'freed'} "
+             f"{_size(s['bytes_freed'])}; kept {s['kept']} artefacts"]
+    for r in s["removed"][:GC_LISTED]:
+        job = f"  {r['job']}" if r["job"] else ""
+        path = re.sub(r"[0-9a-f]{64}", lambda m: m.group(0)[:12], r["path"])
+        lines.append(f"  {r['reason']:11} {path}{job}  ({r['detail']})  {_size(r['bytes'])}")
+    if len(s["removed"]) > GC_LISTED:
+        lines.append(f"  ... and {len(s['removed']) - GC_LISTED} more (--json lists all)")
+    if s["by_reason"]:
+        lines.append("  by reason: " + ", ".join(f"{k} {v['items']} ({_size(v['bytes'])})"
+                                                 for k, v in s["by_reason"].items()))
+    grace = s["grace_seconds"]
+    lines += [f"  kept (incomplete, touched within the grace period of {grace:g} s): {p}"
+              for p in s["within_grace"]]
+    lines += [f"  left alone: {p}" for p in s["skipped"]]
     return "\n".join(lines)
 
 

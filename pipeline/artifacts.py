@@ -51,6 +51,29 @@ KINDS: dict[str, Kind] = {k.name: k for k in (EXTRACTOR, TEXT_SET, RECORDS, GENE
 FOLDER_KINDS = tuple(k for k in KINDS.values() if k.folder and k is not EXTRACTOR)
 
 
+# The inputs of a record that name other artefacts, by the kind they name ("heads" names the
+# heads a run evaluates, each by its kind). Every other input is the content key of data read
+# (a few-shot subset, a view recipe), not an artefact. `store gc` follows these to keep what a
+# kept artefact reads and to find artefacts whose inputs are gone.
+INPUT_KINDS: dict[str, Kind] = {"extractor": EXTRACTOR, "text": TEXT_SET, "generator": GENERATOR,
+                                "synthetic": SYNTHETIC, "domain": RECORDS}
+CONTENT_INPUTS = frozenset({"train", "val", "test", "views"})
+
+
+def input_refs(inputs: dict[str, Any]) -> list[tuple[Kind, str]]:
+    """The artefacts a record's inputs name, as (kind, key)."""
+    out: list[tuple[Kind, str]] = []
+    for name, value in inputs.items():
+        if name == "heads":
+            for head in value.values():
+                if head.get("kind"):
+                    out += [(KINDS[head["kind"]], k) for k in head.get("keys", []) if k]
+        elif name in INPUT_KINDS:
+            out += [(INPUT_KINDS[name], k) for k in (value if isinstance(value, list) else [value])
+                    if k]
+    return out
+
+
 def artifact_key(kind: Kind, params: dict[str, Any], inputs: dict[str, Any]) -> str:
     """The content key of an artefact: sha256 of canonical JSON of kind, version, parameters and
     the keys of its inputs. Inputs are named by their own keys, never re-described."""

@@ -55,18 +55,52 @@ def store_exists(location: str, options: dict[str, Any] | None) -> bool:
     return (Path(location.removeprefix("file://")) / "zarr.json").is_file()
 
 
-def sweep_partials(location: str) -> None:
-    """Remove the temporary files of metadata writes a killed writer left in group folders.
-    Safe only under the writer lock; chunk folders (`c/`) are not walked, so this stays cheap."""
+def sweep_partials(location: str, remove: bool = True) -> list[tuple[str, int]]:
+    """The temporary files of metadata writes a killed writer left in group folders, as (path in
+    the store, bytes), removed unless `remove` is False (what `store gc --dry-run` lists). Safe
+    only under the writer lock; chunk folders (`c/`) are not walked, so this stays cheap."""
     if is_object_store(location):
-        return
+        return []
     root = Path(location.removeprefix("file://"))
+    found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d != "c"]
         for name in files:
             if name.endswith(".partial"):
+                path = os.path.join(folder, name)
                 with suppress(OSError):
-                    os.remove(os.path.join(folder, name))
+                    size = os.path.getsize(path)
+                    if remove:
+                        os.remove(path)
+                    found.append((Path(path).relative_to(root).as_posix(), size))
+    return sorted(found)
+
+
+def stored_objects(location: str, options: dict[str, Any] | None,
+                   prefix: str) -> dict[str, tuple[int, float]]:
+    """Every stored object (file) under `prefix` of a store: path in the store -> (bytes,
+    modification time as a POSIX timestamp). What `store gc` sizes and dates its removals by."""
+    out: dict[str, tuple[int, float]] = {}
+    if is_object_store(location):
+        fs, path = _object_fs(location, options)
+        base = f"{path}/{prefix}".rstrip("/")
+        for name, info in fs.find(base, detail=True).items():
+            when = info.get("LastModified") or info.get("mtime") or 0
+            stamp = when.timestamp() if isinstance(when, dt.datetime) else float(when)
+            out[name[len(path) + 1:]] = (int(info.get("size") or 0), stamp)
+        return out
+    root = Path(location.removeprefix("file://"))
+    top = root / prefix
+    if top.is_file():
+        st = top.stat()
+        return {prefix: (st.st_size, st.st_mtime)}
+    for folder, _dirs, files in os.walk(top):
+        for name in files:
+            full = os.path.join(folder, name)
+            with suppress(OSError):
+                st = os.stat(full)
+                out[Path(full).relative_to(root).as_posix()] = (st.st_size, st.st_mtime)
+    return out
 
 
 def is_object_store(location: str) -> bool:

@@ -43,12 +43,17 @@ class FeatureStore:
     working store. Content keys make this safe: one key is one content in whichever layer."""
 
     def __init__(self, root: zarr.Group, location: str, read_only: bool,
-                 lock_file: Any | None = None, upstreams: Sequence[FeatureStore] = ()) -> None:
+                 lock_file: Any | None = None, upstreams: Sequence[FeatureStore] = (),
+                 options: dict[str, Any] | None = None) -> None:
         self.root = root
         self.location = location
         self.read_only = read_only
         self._lock_file = lock_file
         self.upstreams: tuple[FeatureStore, ...] = tuple(upstreams)
+        self.options = options or {}
+        # Temporary files of a killed writer's metadata writes removed when this writer opened
+        # the store: (path in the store, bytes), what `store gc` reports among its removals.
+        self.swept: list[tuple[str, int]] = []
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -97,11 +102,12 @@ class FeatureStore:
             raise StoreMissingError(f"no shipyard store at {location} (run `shipyard extract` "
                                     "first)")
         lock = None if read_only else take_lock(location, options)
+        swept: list[tuple[str, int]] = []
         try:
             zstore = zarr_store(location, read_only, options)
             if exists:
                 if lock is not None:
-                    sweep_partials(location)
+                    swept = sweep_partials(location)
                 root = zarr.open_group(zstore, mode="r" if read_only else "r+")
                 fmt = root.attrs.get("shipyard_format")
                 if fmt is None:
@@ -123,7 +129,9 @@ class FeatureStore:
         except BaseException:
             release_lock(lock)
             raise
-        return cls(root, location, read_only, lock)
+        store = cls(root, location, read_only, lock, options=options)
+        store.swept = swept
+        return store
 
     def close(self) -> None:
         release_lock(self._lock_file)
@@ -140,7 +148,7 @@ class FeatureStore:
         """This store alone, without its upstreams (what `store info` and `verify` read)."""
         if not self.upstreams:
             return self
-        return FeatureStore(self.root, self.location, self.read_only)
+        return FeatureStore(self.root, self.location, self.read_only, options=self.options)
 
     def __enter__(self) -> FeatureStore:
         return self

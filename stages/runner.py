@@ -50,6 +50,7 @@ class Plan:
     requires: dict[str, tuple[Ref, ...]] = field(default_factory=dict)
     datasets: dict[str, PlannedDataset] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)  # dataset -> why it cannot be planned
+    texts: set[str] = field(default_factory=set)  # keys of the text sets the datasets read
 
     def of(self, stage: str) -> list[Job]:
         return [j for j in self.jobs.values() if j.stage == stage]
@@ -98,6 +99,7 @@ def build_plan(env: Environment, store: FeatureStore | None, request: Request) -
             continue
         plan.datasets[spec.name] = planned
         texts = [text_key(plan.extractor, t, planned.facts.classnames) for t in spec.templates]
+        plan.texts.update(texts)
         slots.append(Slot(m, spec, plan.extractor, texts, planned, options=options))
     domains: dict[str, tuple[PlannedDataset, Job]] = {}
     for base in slots:  # a synthetic domain: extracted, read by the heads of its pair (the
