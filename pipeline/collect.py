@@ -138,8 +138,11 @@ def collect(store: FeatureStore, wanted: Wanted, grace_seconds: float,
         if n.complete:
             continue
         age = now - _modified(store, f"{n.path}/zarr.json", now)
-        if n.attrs.get("collecting") or age > grace_seconds:
-            reasons[n.path] = ("incomplete", f"never committed; untouched for {_age(age)}")
+        if n.attrs.get("collecting"):
+            reasons[n.path] = ("incomplete", "left half-removed by a killed gc")
+        elif age > grace_seconds:
+            reasons[n.path] = ("incomplete", "never committed; untouched for over "
+                                             f"{_age(grace_seconds)}")
         else:
             within.append(n.path)
     done = [n for n in nodes if n.complete]

@@ -204,6 +204,7 @@ def test_incomplete_artefacts_go_once_untouched_past_the_grace_period(ran: Path)
     out = _json(ran, "store", "gc", "--grace", "1h")
     assert [r["path"] for r in out["removed"]] == [f"adapters/{'1' * 64}"]
     assert out["removed"][0]["reason"] == "incomplete"
+    assert out["removed"][0]["detail"] == "never committed; untouched for over 1.0h"
     assert out["within_grace"] == [f"adapters/{'2' * 64}"]
     assert (store / "adapters" / ("2" * 64)).exists()
     assert not (store / "adapters" / ("1" * 64)).exists()
@@ -269,7 +270,8 @@ def test_a_gc_killed_half_way_leaves_no_committed_artefact_with_missing_parts(ra
             del group[member]
         assert s.lookup(Ref.of(RUN, run)) is None
     out = _json(ran, "store", "gc")  # default grace: 24h, and the group is seconds old
-    assert [(r["reason"], r["path"]) for r in out["removed"]] == [("incomplete", f"runs/{run}")]
+    assert [(r["reason"], r["path"], r["detail"]) for r in out["removed"]] == [
+        ("incomplete", f"runs/{run}", "left half-removed by a killed gc")]
     assert _recomputed(_json(ran, "run")) == ["run:demo"]  # the same key: the report stands
 
 

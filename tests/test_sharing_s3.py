@@ -351,3 +351,39 @@ def test_team_b_builds_on_team_as_published_store_with_read_only_credentials(
         assert own.extractor_fps() == [] and own.dataset_names() == []  # no image features
     assert (trained["stage"], cached["stage"]) == ("train-adapter", "build-cache")
 
+
+
+def test_gc_of_a_working_store_on_s3_removes_and_sizes_what_a_dry_run_lists(
+        make_manifest: Callable[..., Manifest], s3_endpoint: str) -> None:
+    from shipyard.pipeline.artifacts import ADAPTER, Ref
+
+    m = make_manifest()
+    run_stage(m, "extract")
+    with FeatureStore.open(m.store, read_only=False) as s:  # a killed head, a killed append
+        s.begin(Ref.of(ADAPTER, "1" * 64), {"job": "adapter:x", "kind": "adapter",
+                                            "key": "1" * 64, "params": {}, "inputs": {}})
+        s.root[f"adapters/{'1' * 64}"].create_array("w", data=np.ones(64, np.float32))
+        keys = s.extractor(s.extractor_fps()[0]).images.array("keys")
+        rows = keys.shape[0]
+        keys.resize((rows + 64, 32))
+        keys[rows:] = 3
+    fs = s3fs.S3FileSystem(**_options(s3_endpoint))
+    fs.mkdir("team-bucket")
+    fs.put(m.store, "team-bucket/w.zarr", recursive=True)
+    url = "s3://team-bucket/w.zarr"
+    before = fs.du("team-bucket/w.zarr")
+    args = ["--manifest", str(m.path), "--store", url, "--device", "cpu", "store", "gc",
+            "--grace", "0", "--json"]
+    dry = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert fs.du("team-bucket/w.zarr") == before
+    real = CliRunner().invoke(app, args)
+    assert real.exit_code == 0, real.output
+    out = json.loads(real.stdout)
+    assert out["removed"] == json.loads(dry.stdout)["removed"]
+    assert [(r["reason"], r["path"].split("/")[0]) for r in out["removed"]] == [
+        ("incomplete", "adapters"), ("past-rows", "extractors")]
+    fs.invalidate_cache()
+    assert before - fs.du("team-bucket/w.zarr") == out["bytes_freed"] > 0
+    assert not fs.exists(f"team-bucket/w.zarr/adapters/{'1' * 64}")
+    assert not fs.exists("team-bucket/w.zarr.lock")  # the writer lock was taken and released
