@@ -414,18 +414,23 @@ def run(
 
 @store_app.command("info")
 def store_info(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Summarise a store: extractors, row counts, datasets, artefacts."""
-    from .pipeline.audit import info
+    """Summarise a store: extractors, row counts, datasets, artefacts (and, with a manifest, the
+    reports written for it)."""
+    from .pipeline.audit import info, report_entries
+    from .pipeline.report import report_folder
     from .pipeline.store import FeatureStore
 
     g: Globals = ctx.obj
 
     def work() -> dict[str, Any]:
         location, options = g.store_location()
-        upstreams = [] if g.store else g.load().upstreams  # --store names one store alone
+        manifest = None if g.store else g.load()  # --store names one store alone
+        upstreams = manifest.upstreams if manifest else []
         with FeatureStore.open(location, read_only=True, options=options, upstreams=upstreams,
                                empty_if_missing=True) as store:
-            return {**info(store.own()), "upstream": [info(u) for u in store.upstreams]}
+            reports = report_entries(report_folder(manifest.path), store) if manifest else []
+            return {**info(store.own()), "upstream": [info(u) for u in store.upstreams],
+                    "reports": reports}
 
     _run(g, as_json, work, cli_text.info_text)
 

@@ -122,6 +122,12 @@ def info_text(s: Summary) -> str:
     parts = [_layer_text(s)]
     for i, up in enumerate(s.get("upstream", [])):
         parts.append(f"upstream {i + 1} (read-only): " + _layer_text(up))
+    if s.get("reports"):
+        parts.append(f"reports: {len(s['reports'])}")
+        parts += [f"  {r['path']}  {(r['key'] or '?')[:12]}  {r['written']}  <- run "
+                  f"{(r['run'] or '?')[:12]}"
+                  + ("" if r["run_in_store"] else " (not in the store: the report outlived it)")
+                  for r in s["reports"]]
     return "\n".join(parts)
 
 

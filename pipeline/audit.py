@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
-from .artifacts import CACHE, FOLDER_KINDS, SYNTHETIC, Kind, Ref, keys_of, record_of
+from .artifacts import CACHE, FOLDER_KINDS, RUN, SYNTHETIC, Kind, Ref, keys_of, record_of
 from .errors import StoreError
 from .fingerprint import fingerprint
 from .records import Extractor, text_key
@@ -68,6 +70,24 @@ def artifact_entry(store: FeatureStore, kind: Kind, key: str) -> dict[str, Any]:
             "created": provenance.get("created"), "device": provenance.get("device"),
             "seconds": provenance.get("seconds"), "resumed": provenance.get("resumed"),
             "shipyard": provenance.get("shipyard")}
+
+
+def report_entries(folder: Path, store: FeatureStore) -> list[dict[str, Any]]:
+    """The reports written in a manifest's report folder: each file with its own key, the run it
+    reports and whether that run is still in a layer of the store (else the report outlived it)."""
+    from .report import report_meta
+
+    out = []
+    for path in sorted(folder.glob("*.html")) if folder.is_dir() else []:
+        meta = report_meta(path)
+        run = meta.get("run")
+        st = path.stat()
+        out.append({"path": str(path), "key": meta.get("key"), "run": run,
+                    "run_in_store": run is not None and store.lookup(Ref.of(RUN, run)) is not None,
+                    "bytes": st.st_size,
+                    "written": dt.datetime.fromtimestamp(st.st_mtime, dt.UTC).isoformat(
+                        timespec="seconds")})
+    return out
 
 
 @dataclass

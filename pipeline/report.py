@@ -18,6 +18,7 @@ Input schema, checked by `validate` (a violation raises UsageError naming the fi
     curves_y (optional): str     the curves' y-axis label (e.g. "loss")
     sides (optional): {base: [classname, ...], new: [classname, ...]}  groups the per-class bars
     key (optional): str          the report artefact's key, kept in a <meta> tag (`report_key`)
+    run (optional): str          the key of the run it reports, kept in a <meta> tag too
 Accuracies are percentages; NaN or None prints as a dash. Optional sections may also be None.
 """
 
@@ -40,9 +41,10 @@ from .report_charts import bars, curves, esc, finite, legend, method_colours, pr
 COLUMNS = (("base", "Base"), ("new", "New"), ("h", "H"),
            ("gzsl_seen", "GZSL seen"), ("gzsl_unseen", "GZSL unseen"), ("gzsl_h", "GZSL H"))
 REQUIRED = ("title", "notes", "protocol", "table", "per_class")
-OPTIONAL = ("projection", "curves", "key", "curves_y", "sides")
+OPTIONAL = ("projection", "curves", "key", "run", "curves_y", "sides")
 ROW_REQUIRED = ("method", "base", "new", "h", "gzsl_seen", "gzsl_unseen", "gzsl_h", "seeds")
 ROW_OPTIONAL = ("base_std", "new_std")
+RUN_META = "shipyard-run"
 KEY_META = "shipyard-report-key"
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1f2328;
@@ -78,7 +80,8 @@ def render_report(data: Mapping[str, Any]) -> str:
         body.append(_section("curves", "Training curves",
                              curves(d["curves"], method_colours([r["method"] for r in d["table"]]),
                                     d.get("curves_y") or "")))
-    key = f'<meta name="{KEY_META}" content="{esc(d["key"])}">' if d.get("key") else ""
+    key = "".join(f'<meta name="{meta}" content="{esc(d[field])}">'
+                  for meta, field in ((KEY_META, "key"), (RUN_META, "run")) if d.get(field))
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">' + key +
             f"<title>{esc(d['title'])}</title><style>{CSS}</style></head>\n<body>\n"
@@ -87,13 +90,28 @@ def render_report(data: Mapping[str, Any]) -> str:
 
 def report_key(path: str | os.PathLike[str]) -> str | None:
     """The key a written report carries, or None (no file, or written without one)."""
+    return report_meta(path).get("key")
+
+
+def report_meta(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The keys a written report carries: its own (`key`) and its run's (`run`), where present."""
     try:
         with open(path, encoding="utf-8") as f:
             head = f.read(4096)
     except (OSError, UnicodeDecodeError):
-        return None
-    found = re.search(f'<meta name="{KEY_META}" content="([0-9a-f]+)">', head)
-    return found.group(1) if found else None
+        return {}
+    out = {}
+    for meta, field in ((KEY_META, "key"), (RUN_META, "run")):
+        found = re.search(f'<meta name="{meta}" content="([0-9a-f]+)">', head)
+        if found:
+            out[field] = found.group(1)
+    return out
+
+
+def report_folder(manifest_path: Path, report_dir: Path | None = None) -> Path:
+    """Where a manifest's reports go: one folder per manifest (`reports/<manifest stem>/` beside
+    it, or under `report_dir`), so two manifests beside each other never overwrite each other's."""
+    return Path(report_dir or manifest_path.resolve().parent / "reports") / manifest_path.stem
 
 
 def write_report(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -145,8 +163,9 @@ def validate(data: Any) -> dict[str, Any]:
             _num(acc, f"per_class[{method!r}][{name!r}]", none_ok=True)
     if d.get("projection") is not None:
         d["projection"] = _checkprojection(d["projection"])
-    if d.get("key") is not None:
-        _str(d["key"], "key")
+    for name in ("key", "run"):
+        if d.get(name) is not None:
+            _str(d[name], name)
     if d.get("curves") is not None:
         for name, panel in _dict(d["curves"], "curves").items():
             _str(name, "curves key")

@@ -6,7 +6,6 @@ Model code is imported inside `compute`: planning imports none."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..pipeline.artifacts import ADAPTER, GENERATOR, REPORT, RUN, Ref
@@ -14,7 +13,7 @@ from ..pipeline.datasets import protocol_warnings
 from ..pipeline.identity import model_notes
 from ..pipeline.recipes import describe_selections, index_notes, method_notes, tip_init
 from ..pipeline.registry import split_method, tunes_on_val
-from ..pipeline.report import report_key
+from ..pipeline.report import report_folder, report_key
 from ..pipeline.store import FeatureStore
 from ..pipeline.zarr_nodes import attrs_of
 from .base import Declared, Job, Outcome, Scope, Slot, Stage, Work
@@ -35,10 +34,9 @@ def declare(slot: Slot) -> Declared:
     name = slot.spec.name
     if explicit:
         name += f"-{explicit[0]}-{explicit[1][:12]}"
-    # One folder per manifest: two manifests beside each other never overwrite each other's.
-    folder = Path(slot.options.get("report_dir") or slot.manifest.path.resolve().parent / "reports")
+    folder = report_folder(slot.manifest.path, slot.options.get("report_dir"))
     return Declared(params={"format": 1}, inputs=inputs, deps=tuple(deps),
-                    detail=folder / slot.manifest.path.stem / f"{name}.html")
+                    detail=folder / f"{name}.html")
 
 
 def missing(store: FeatureStore, job: Job) -> list[str]:
@@ -85,6 +83,7 @@ def compute(work: Work) -> Outcome:
         "sides": {"base": [ds.classnames[i] for i in ds.base_labels],
                   "new": [ds.classnames[i] for i in ds.new_labels]},
         "key": job.key,
+        "run": job.inputs["run"],
     }
     path = write_report(data, job.detail)
     return Outcome({}, {"report": str(path)})

@@ -323,3 +323,20 @@ def test_every_input_a_planned_job_names_is_an_artefact_or_a_content_key() -> No
     refs = {kind.name for job in stored for kind, _ in input_refs(job.inputs)}
     assert refs == {"extractor", "text-set", "generator", "synthetic", "records", "adapter",
                     "cache"}
+
+
+def test_store_info_lists_the_manifests_reports_with_the_run_each_reports(ran: Path) -> None:
+    plan = {j["id"]: j["key"] for j in _json(ran, "run", "--dry-run")["jobs"]}
+    (report,) = _json(ran, "store", "info")["reports"]
+    assert report["path"] == str(ran.parent / "reports" / "m" / "demo.html")
+    assert (report["key"], report["run"], report["run_in_store"]) == (
+        plan["report:demo"], plan["run:demo"], True)
+    assert report["bytes"] == (ran.parent / "reports" / "m" / "demo.html").stat().st_size
+    with FeatureStore.open(str(_store(ran)), read_only=False) as s:
+        del s.root[f"runs/{plan['run:demo']}"]
+    (report,) = _json(ran, "store", "info")["reports"]
+    assert report["run_in_store"] is False
+    text = invoke(ran, "store", "info").stdout
+    assert f"<- run {plan['run:demo'][:12]} (not in the store: the report outlived it)" in text
+    # --store names one store alone: no manifest, so no reports
+    assert _json(ran, "--store", str(_store(ran)), "store", "info")["reports"] == []
