@@ -27,7 +27,7 @@ from .errors import StoreError
 from .locations import release_lock, store_exists, take_lock, zarr_store
 from .progress import Progress, Silent
 from .store import FeatureStore
-from .zarr_nodes import attrs_of, child_array, digest, utcnow
+from .zarr_nodes import attrs_of, child_array, digest, digest_blocks, row_blocks, utcnow
 
 SHARD_BYTES = 64 << 20  # one object on object storage: large enough to amortise a request
 ROW = "row"
@@ -109,30 +109,55 @@ def copy_committed(src: zarr.Group, dst: zarr.Group, progress: Progress) -> Copi
             continue
         parent_attrs = group_attrs[parent]
         row_table = is_row_table(parent_attrs)
-        stop = int(parent_attrs["rows"]) if row_table else node.shape[0] if node.ndim else None
-        data = np.asarray(node[:stop] if node.ndim else node[()])
-        if row_table and len(data) != stop:
-            raise StoreError(f"{path}: {stop} rows committed but only {len(data)} stored; the "
-                             "source is damaged (run `shipyard store verify`)")
         name = path.rpartition("/")[2]
+        if row_table:
+            stop = int(parent_attrs["rows"])
+            if node.shape[0] < stop:
+                raise StoreError(f"{path}: {stop} rows committed but only {node.shape[0]} "
+                                 "stored; the source is damaged (run `shipyard store verify`)")
+        shape = ((stop if row_table else node.shape[0]), *node.shape[1:]) if node.ndim else ()
         chunks = tuple(node.chunks) if node.ndim else ()
-        if chunks and data.shape and chunks[0] > max(1, data.shape[0]):
-            chunks = (max(1, data.shape[0]), *chunks[1:])  # no chunk larger than the array
-        shards = shard_shape(data.shape, chunks, data.dtype.itemsize) if chunks else None
-        arr = dst.create_array(path, shape=data.shape, dtype=data.dtype,
+        if chunks and shape and chunks[0] > max(1, shape[0]):
+            chunks = (max(1, shape[0]), *chunks[1:])  # no chunk larger than the array
+        shards = shard_shape(shape, chunks, node.dtype.itemsize) if chunks else None
+        arr = dst.create_array(path, shape=shape, dtype=node.dtype,
                                chunks=chunks if chunks else "auto", shards=shards,
-                               dimension_names=dimension_names(name, data.ndim, row_table),
+                               dimension_names=dimension_names(name, len(shape), row_table),
                                attributes=attrs_of(node), fill_value=node.fill_value)
-        if data.size:
-            arr[...] = data
-        out.digests[path] = digest(data)
+        out.digests[path] = _copy_blocks(node, arr, shape, shards or chunks)
         out.arrays += 1
-        out.bytes += data.nbytes
+        out.bytes += math.prod(shape) * node.dtype.itemsize
         if row_table and name == "keys":
-            out.rows[parent] = int(stop or 0)
+            out.rows[parent] = stop
         task.advance()
     task.close()
     return out
+
+
+def _copy_blocks(src: zarr.Array, dst: zarr.Array, shape: tuple[int, ...],
+                 block: tuple[int, ...]) -> str:
+    """Copy `shape` of `src` into `dst` one whole shard (or chunk) of rows at a time, so memory
+    holds one object's worth, never the array; the digest of what was copied."""
+    if not shape:
+        data = np.asarray(src[()])
+        dst[()] = data
+        return digest(data)
+
+    def blocks() -> Iterator[np.ndarray]:
+        for start, data in row_blocks(src, shape[0], block[0]):
+            if data.size:
+                dst[start:start + len(data)] = data
+            yield data
+
+    return digest_blocks(src.dtype, shape, blocks())
+
+
+def _read_digest(arr: zarr.Array) -> str:
+    """The digest of a stored array, read one shard (or chunk) of rows at a time."""
+    if not arr.ndim:
+        return digest(np.asarray(arr[()]))
+    step = (arr.shards or arr.chunks)[0]
+    return digest_blocks(arr.dtype, arr.shape, (b for _, b in row_blocks(arr, arr.shape[0], step)))
 
 
 def check_copy(location: str, options: dict[str, Any] | None, copied: Copied) -> list[str]:
@@ -141,9 +166,7 @@ def check_copy(location: str, options: dict[str, Any] | None, copied: Copied) ->
     with FeatureStore.open(location, read_only=True, options=options) as store:
         problems = list(verify(store).problems)
         for path, want in copied.digests.items():
-            arr = child_array(store.root, path)
-            data = np.asarray(arr[...] if arr.ndim else arr[()])
-            if digest(data) != want:
+            if _read_digest(child_array(store.root, path)) != want:
                 problems.append(f"{path}: the copy differs from the source")
     return problems
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -40,9 +41,22 @@ def read_array(arr: zarr.Array, start: int = 0, stop: int | None = None) -> np.n
 
 def digest(data: np.ndarray) -> str:
     """sha256 of an array's dtype, shape and bytes: what a sealed array must read back as."""
-    h = hashlib.sha256(f"{data.dtype.str}|{tuple(data.shape)}|".encode())
-    h.update(np.ascontiguousarray(data).tobytes())
+    return digest_blocks(data.dtype, data.shape, [data])
+
+
+def digest_blocks(dtype: np.dtype, shape: tuple[int, ...], blocks: Iterable[np.ndarray]) -> str:
+    """`digest` of an array given as consecutive blocks along its first axis (never whole in
+    memory): the same bytes in the same order."""
+    h = hashlib.sha256(f"{np.dtype(dtype).str}|{tuple(shape)}|".encode())
+    for block in blocks:
+        h.update(np.ascontiguousarray(block).tobytes())
     return h.hexdigest()
+
+
+def row_blocks(arr: zarr.Array, stop: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Rows [0, stop) of an array, `step` rows at a time: (start, block)."""
+    for start in range(0, stop, max(1, step)):
+        yield start, np.asarray(arr[start:min(stop, start + step)])
 
 
 def write_sealed(group: zarr.Group, name: str, data: np.ndarray, **kwargs: Any) -> zarr.Array:

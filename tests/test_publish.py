@@ -233,3 +233,38 @@ def test_shards_gather_whole_chunks_up_to_the_target_size() -> None:
     assert shard_shape((1 << 30,), (1,), 1) == (SHARD_BYTES,)  # one-byte chunks
     shape = shard_shape((10 * rows, 512), (1024, 512), 2)
     assert shape is not None and all(type(v) is int for v in shape)  # zarr takes whole numbers
+
+
+def test_publish_streams_each_array_one_shard_of_rows_at_a_time(
+        tmp_path: Path, make_manifest: Callable[..., Manifest],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With shards of one chunk, no read of the source returns more rows than one shard holds
+    (the copy is written shard by shard, never whole; verification reads in blocks of its own),
+    and the copy still equals the source's committed rows."""
+    src, fp = _source(make_manifest)
+    monkeypatch.setattr(publish_module, "SHARD_BYTES", 4096)
+    largest: dict[str, int] = {}
+    getitem = zarr.Array.__getitem__
+
+    def spy(self: zarr.Array, selection: Any) -> Any:
+        out = getitem(self, selection)
+        from_source = str(getattr(self.store_path.store, "root", "")) == src
+        if from_source and isinstance(out, np.ndarray) and out.ndim and self.ndim > 1:
+            largest[self.path] = max(largest.get(self.path, 0), out.shape[0])
+        return out
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", spy)
+    dst = str(tmp_path / "published.zarr")
+    publish(src, dst)
+    monkeypatch.setattr(zarr.Array, "__getitem__", getitem)
+    features = f"extractors/{fp}/images/features"
+    pub = zarr.open_group(dst, mode="r")
+    rows_per_shard = pub[features].shards[0]
+    assert rows_per_shard == 4096 // (32 * pub[features].shape[1] * 2) * 32 < 120
+    assert largest[features] == rows_per_shard  # block by block, never all 120 rows
+    assert largest[f"extractors/{fp}/views/features"] <= pub[f"extractors/{fp}/views/features"] \
+        .shards[0]
+    with FeatureStore.open(src) as a, FeatureStore.open(dst) as b:
+        for name in ("keys", "features", "norms"):
+            np.testing.assert_array_equal(b.extractor(fp).images.read(name),
+                                          a.extractor(fp).images.read(name))
