@@ -436,7 +436,13 @@ def store_info(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @store_app.command("verify")
-def store_verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def store_verify(
+    ctx: typer.Context,
+    upstreams: Annotated[bool, typer.Option(
+        "--upstreams", help="Also verify every upstream store the manifest names (read-only).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Check integrity: finite unit-norm rows, fingerprints, unique keys. Exit 1 on any problem."""
     from .pipeline.audit import verify
     from .pipeline.store import FeatureStore
@@ -445,9 +451,22 @@ def store_verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
     def work() -> dict[str, Any]:
         location, options = g.store_location()
-        with FeatureStore.open(location, read_only=True, options=options) as store:
-            v = verify(store)
-        return {"store": location, "ok": v.ok, "checked": v.checked, "problems": v.problems}
+        layers = [(location, options)]
+        if upstreams:
+            if g.store:
+                raise UsageError("--upstreams reads the manifest's upstream stores; without "
+                                 "--store, name the manifest (--manifest)")
+            layers += g.load().upstreams
+        checked: dict[str, int] = {}
+        problems: list[str] = []
+        for i, (where, opts) in enumerate(layers):
+            with FeatureStore.open(where, read_only=True, options=opts) as store:
+                v = verify(store)
+            for what, n in v.checked.items():
+                checked[what] = checked.get(what, 0) + n
+            problems += [p if i == 0 else f"upstream {where}: {p}" for p in v.problems]
+        return {"store": location, "ok": not problems, "checked": checked, "problems": problems,
+                "layers": [where for where, _ in layers]}
 
     _run(g, as_json, work, cli_text.verify_text, ok=lambda s: bool(s["ok"]))
 

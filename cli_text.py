@@ -228,7 +228,9 @@ def unlock_text(s: Summary) -> str:
 
 def verify_text(s: Summary) -> str:
     counts = ", ".join(f"{n} {k}" for k, n in s["checked"].items()) or "nothing"
-    head = f"verify {s['store']}: {'ok' if s['ok'] else 'FAILED'} (checked {counts})"
+    more = len(s.get("layers", [])) - 1
+    also = f" and its {more} upstream store{'s' if more > 1 else ''}" if more > 0 else ""
+    head = f"verify {s['store']}{also}: {'ok' if s['ok'] else 'FAILED'} (checked {counts})"
     return "\n".join([head, *(f"  problem: {p}" for p in s["problems"])])
 
 

@@ -272,3 +272,33 @@ def test_a_stage_whose_inputs_no_layer_holds_is_refused_before_the_working_store
     assert result.exit_code == 2  # a usage error, as without upstreams
     assert "needs generator:demo:seed1, which is not up to date" in result.output
     assert not (tmp_path / "b.zarr").exists()
+
+
+def test_store_verify_upstreams_checks_every_layer_and_names_the_damaged_one(
+        tmp_path: Path, team_a: tuple[Path, Path]) -> None:
+    data, a_path = team_a
+    a_copy = tmp_path / "a.zarr"
+    shutil.copytree(a_path.parent / "a.zarr", a_copy)
+    b_path = write_manifest(tmp_path / "b.yaml", team_manifest(data, tmp_path / "b.zarr",
+                                                               [str(a_copy)]))
+    run_stage(load_manifest(b_path), "extract")  # makes B's working store: everything is in A
+    (fp,) = [p.name for p in (a_copy / "extractors").iterdir() if p.is_dir()]
+    chunk = a_copy / "extractors" / fp / "images" / "features" / "c" / "0" / "0"
+    arr = zarr.open_array(str(a_copy / "extractors" / fp / "images" / "features"), mode="r+")
+    arr[0:2] = np.zeros((2, arr.shape[1]), dtype=arr.dtype)  # two rows no longer unit-norm
+    assert chunk.exists()
+    alone = invoke("--manifest", str(b_path), "store", "verify", "--json")
+    assert alone.exit_code == 0 and json.loads(alone.stdout)["layers"] == [str(tmp_path / "b.zarr")]
+    both = invoke("--manifest", str(b_path), "store", "verify", "--upstreams", "--json")
+    assert both.exit_code == 1
+    out = json.loads(both.stdout)
+    assert out["layers"] == [str(tmp_path / "b.zarr"), str(a_copy)]
+    assert out["problems"] and all(p.startswith(f"upstream {a_copy}: ") for p in out["problems"])
+    assert any(f"extractors/{fp[:12]}/images" in p for p in out["problems"])
+    assert out["checked"]["datasets"] == 1  # A's records (B's extract found them there)
+    assert "datasets" not in json.loads(alone.stdout)["checked"]
+    text = invoke("--manifest", str(b_path), "store", "verify", "--upstreams").stdout
+    assert text.startswith(f"verify {tmp_path / 'b.zarr'} and its 1 upstream store: FAILED")
+    refused = invoke("--store", str(a_copy), "store", "verify", "--upstreams")
+    assert refused.exit_code == 2 and "--upstreams reads the manifest's upstream stores" in \
+        refused.stderr
