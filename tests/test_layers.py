@@ -95,6 +95,12 @@ def test_a_team_builds_on_another_teams_store_and_writes_nothing_there(
     assert [len(list(b[k].group_keys())) for k in ("adapters", "caches", "runs")] == [1, 1, 1]
     assert "generators" not in b and "synthetic" not in b  # read from team A's
 
+    # gc of team B's store: inputs in team A's store are not gone, so nothing is an orphan.
+    gc = invoke("--manifest", str(b_path), "--device", "cpu", "store", "gc", "--json")
+    assert gc.exit_code == 0, gc.output
+    assert json.loads(gc.stdout)["removed"] == [] and json.loads(gc.stdout)["kept"] == 3
+    assert snapshot(a_store) == before
+
 
 def test_extract_encodes_only_the_images_no_layer_holds(
         tmp_path: Path, team_a: tuple[Path, Path]) -> None:
