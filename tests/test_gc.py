@@ -340,3 +340,13 @@ def test_store_info_lists_the_manifests_reports_with_the_run_each_reports(ran: P
     assert f"<- run {plan['run:demo'][:12]} (not in the store: the report outlived it)" in text
     # --store names one store alone: no manifest, so no reports
     assert _json(ran, "--store", str(_store(ran)), "store", "info")["reports"] == []
+
+
+def test_before_the_manifests_artefact_is_built_the_jobs_newest_stays(ran: Path) -> None:
+    """A template changed but not run yet: what the manifest plans does not exist, so nothing is
+    superseded: the last results stay (and `status` can still say what changed)."""
+    _template(ran, TEMPLATES[1])
+    out = _json(ran, "store", "gc")
+    assert out["removed"] == [] and out["kept"] > 0
+    status = _json(ran, "status")
+    assert any("params" in line or "input" in line for line in status["datasets"][0]["stale"])
