@@ -368,15 +368,15 @@ def test_gc_of_a_working_store_on_s3_removes_and_sizes_what_a_dry_run_lists(
         keys.resize((rows + 64, 32))
         keys[rows:] = 3
     fs = s3fs.S3FileSystem(**_options(s3_endpoint))
-    fs.mkdir("team-bucket")
-    fs.put(m.store, "team-bucket/w.zarr", recursive=True)
-    url = "s3://team-bucket/w.zarr"
-    before = fs.du("team-bucket/w.zarr")
+    fs.mkdir("gc-bucket")
+    fs.put(m.store, "gc-bucket/w.zarr", recursive=True)
+    url = "s3://gc-bucket/w.zarr"
+    before = fs.du("gc-bucket/w.zarr")
     args = ["--manifest", str(m.path), "--store", url, "--device", "cpu", "store", "gc",
             "--grace", "0", "--json"]
     dry = CliRunner().invoke(app, [*args, "--dry-run"])
     assert dry.exit_code == 0, dry.output
-    assert fs.du("team-bucket/w.zarr") == before
+    assert fs.du("gc-bucket/w.zarr") == before
     real = CliRunner().invoke(app, args)
     assert real.exit_code == 0, real.output
     out = json.loads(real.stdout)
@@ -384,6 +384,6 @@ def test_gc_of_a_working_store_on_s3_removes_and_sizes_what_a_dry_run_lists(
     assert [(r["reason"], r["path"].split("/")[0]) for r in out["removed"]] == [
         ("incomplete", "adapters"), ("past-rows", "extractors")]
     fs.invalidate_cache()
-    assert before - fs.du("team-bucket/w.zarr") == out["bytes_freed"] > 0
-    assert not fs.exists(f"team-bucket/w.zarr/adapters/{'1' * 64}")
-    assert not fs.exists("team-bucket/w.zarr.lock")  # the writer lock was taken and released
+    assert before - fs.du("gc-bucket/w.zarr") == out["bytes_freed"] > 0
+    assert not fs.exists(f"gc-bucket/w.zarr/adapters/{'1' * 64}")
+    assert not fs.exists("gc-bucket/w.zarr.lock")  # the writer lock was taken and released
