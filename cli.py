@@ -477,6 +477,12 @@ def store_publish(
     source: Annotated[str, typer.Argument(help="the store to publish: a path or fsspec URL")],
     destination: Annotated[str, typer.Argument(
         help="where the copy goes (must not exist): a path or s3:// URL")],
+    source_options: Annotated[str | None, typer.Option(
+        help="fsspec options of the source, as JSON (default: the environment's credentials)")
+    ] = None,
+    destination_options: Annotated[str | None, typer.Option(
+        help='fsspec options of the destination, as JSON, e.g. \'{"profile": "team-a"}\'')
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """An immutable copy for sharing: committed rows and complete artefacts only, sharded,
@@ -484,8 +490,28 @@ def store_publish(
     from .pipeline.publish import publish
 
     g: Globals = ctx.obj
-    _run(g, as_json, lambda: publish(_absolute(source), _absolute(destination),
-                                     progress=_progress(g)), cli_text.publish_text)
+
+    def work() -> Summary:
+        src_opts = _json_options("--source-options", source_options)
+        dst_opts = _json_options("--destination-options", destination_options)
+        return publish(_absolute(source), _absolute(destination), src_options=src_opts,
+                       dst_options=dst_opts, progress=_progress(g))
+
+    _run(g, as_json, work, cli_text.publish_text)
+
+
+def _json_options(flag: str, text: str | None) -> dict[str, Any] | None:
+    """fsspec storage options given on the command line as a JSON object."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag}: not JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag}: expected a JSON object of fsspec options, got "
+                         f"{type(value).__name__}")
+    return value
 
 
 @store_app.command("gc")

@@ -387,3 +387,34 @@ def test_gc_of_a_working_store_on_s3_removes_and_sizes_what_a_dry_run_lists(
     assert before - fs.du("gc-bucket/w.zarr") == out["bytes_freed"] > 0
     assert not fs.exists(f"gc-bucket/w.zarr/adapters/{'1' * 64}")
     assert not fs.exists("gc-bucket/w.zarr.lock")  # the writer lock was taken and released
+
+
+def test_publish_takes_the_destinations_fsspec_options_on_the_command_line(
+        make_manifest: Callable[..., Manifest], s3_endpoint: str,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    m = make_manifest()
+    run_stage(m, "extract")
+    s3fs.S3FileSystem(**_options(s3_endpoint)).mkdir("options-bucket")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var)  # nothing in the environment: the options are all there is
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    url = "s3://options-bucket/published.zarr"
+    bare = CliRunner().invoke(app, ["store", "publish", m.store, url])
+    assert bare.exit_code == 1 and bare.stderr.count("\n") == 1, bare.output
+    given = CliRunner().invoke(app, ["store", "publish", m.store, url, "--destination-options",
+                                     json.dumps(_options(s3_endpoint)), "--json"])
+    assert given.exit_code == 0, given.output
+    assert json.loads(given.stdout)["store"] == url
+    with FeatureStore.open(url, options=_options(s3_endpoint)) as shared, \
+            FeatureStore.open(m.store) as local:
+        assert shared.root.attrs["published"]["source"] == m.store
+        fp = local.extractor_fps()[0]
+        np.testing.assert_array_equal(shared.extractor(fp).images.read("features"),
+                                      local.extractor(fp).images.read("features"))
+    for bad, says in (("{not json", "--source-options: not JSON"),
+                      ("[1, 2]", "--source-options: expected a JSON object")):
+        result = CliRunner().invoke(app, ["store", "publish", m.store, url + "2",
+                                          "--source-options", bad])
+        assert result.exit_code == 2 and says in result.stderr, result.output
