@@ -194,10 +194,27 @@ class ObjectLock:
                          "writes no store there")
 
     def release(self) -> None:
-        """Delete the lock object while it is still this writer's."""
+        """Delete the lock object while it is still this writer's: its ETag is read before its
+        holder, and the delete is conditional on that ETag (S3's `If-Match`), so a lock broken
+        and taken by another writer in between is never deleted. A backend that rejects the
+        condition (not one that fails it) gets the plain delete."""
         with suppress(Exception):
-            if read_holder(self.fs, self.path).get("token") == self.token:
+            self.fs.invalidate_cache(self.path)
+            etag = self.fs.info(self.path).get("ETag")
+            if read_holder(self.fs, self.path).get("token") != self.token:
+                return
+            if not etag:
                 self.fs.rm_file(self.path)
+                return
+            bucket, key, _ = self.fs.split_path(self.path)
+            try:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+            except Exception as exc:
+                if "condition" in str(exc).lower():  # 412: the object is another writer's now
+                    return
+                self.fs.rm_file(self.path)
+            finally:
+                self.fs.invalidate_cache(self.path)
 
 
 def read_holder(fs: Any, path: str) -> dict[str, Any]:

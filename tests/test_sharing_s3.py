@@ -418,3 +418,34 @@ def test_publish_takes_the_destinations_fsspec_options_on_the_command_line(
         result = CliRunner().invoke(app, ["store", "publish", m.store, url + "2",
                                           "--source-options", bad])
         assert result.exit_code == 2 and says in result.stderr, result.output
+
+
+def test_a_lock_broken_and_retaken_while_its_writer_releases_it_is_left_alone(
+        s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The release reads the holder, then deletes: between the two another writer may have
+    broken the lock (`store unlock`) and taken its own. The delete is conditional on the ETag
+    read first, so the other writer's lock survives."""
+    from shipyard.pipeline import locations
+
+    fs = s3fs.S3FileSystem(**_options(s3_endpoint))
+    fs.mkdir("race")
+    url = "s3://race/features.zarr"
+    mine = ObjectLock.take(url, _options(s3_endpoint))
+    taken: list[ObjectLock] = []
+    read = locations.read_holder
+
+    def then_retaken(fs_: Any, path: str) -> dict[str, Any]:
+        holder = read(fs_, path)  # still mine when read ...
+        if not taken:  # ... then broken and taken by another writer before the delete
+            fs_.rm_file(path)
+            taken.append(ObjectLock.take(url, _options(s3_endpoint)))
+        return holder
+
+    monkeypatch.setattr(locations, "read_holder", then_retaken)
+    mine.release()
+    monkeypatch.setattr(locations, "read_holder", read)
+    fs.invalidate_cache()
+    assert json.loads(fs.cat_file("race/features.zarr.lock"))["token"] == taken[0].token
+    taken[0].release()
+    fs.invalidate_cache()
+    assert not fs.exists("race/features.zarr.lock")
