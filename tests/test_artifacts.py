@@ -337,3 +337,21 @@ def test_why_lists_at_most_four_changes_and_shortens_long_values(root: zarr.Grou
         "params.a 1 -> 2; params.b 1 -> 2; params.c 1 -> 2; params.d 1 -> 2")
     assert artifacts._short("x" * 38) == repr("x" * 38)  # 40 characters: kept whole
     assert artifacts._short("x" * 39) == "'" + "x" * 36 + "..."  # 41: cut to 37 and an ellipsis
+
+
+def test_input_refs_name_the_artefacts_a_record_reads_and_nothing_else() -> None:
+    from shipyard.pipeline.artifacts import input_refs
+
+    inputs = {"extractor": "e" * 64, "train": "t" * 64, "val": "v" * 64, "test": "x" * 64,
+              "views": "w" * 64, "text": ["a" * 64, "b" * 64], "generator": "g" * 64,
+              "synthetic": "s" * 64, "domain": "d" * 64,
+              "heads": {"zero-shot": {"kind": None, "keys": [None, None]},
+                        "coop": {"kind": "adapter", "keys": ["c" * 64, None, "C" * 64]},
+                        "tip-adapter": {"kind": "cache", "keys": ["k" * 64]},
+                        "bare": {"kind": "adapter"}}}
+    assert input_refs(inputs) == [
+        (EXTRACTOR, "e" * 64), (TEXT_SET, "a" * 64), (TEXT_SET, "b" * 64),
+        (GENERATOR, "g" * 64), (SYNTHETIC, "s" * 64), (RECORDS, "d" * 64),
+        (ADAPTER, "c" * 64), (ADAPTER, "C" * 64), (CACHE, "k" * 64)]
+    assert input_refs({"train": "t" * 64, "generator": None, "text": []}) == []
+    assert input_refs({}) == []
