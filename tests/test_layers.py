@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import zarr
 from shipyard.cli import app
-from shipyard.pipeline.errors import ManifestError, StoreError, StoreReadOnlyError
+from shipyard.pipeline.errors import ManifestError
 from shipyard.pipeline.manifest_files import load_manifest
-from shipyard.pipeline.rows import LayeredRows, RowTable
 from shipyard.pipeline.store import FeatureStore
 from typer.testing import CliRunner
 
@@ -206,55 +205,6 @@ def test_upstream_entries_resolve_beside_the_manifest_and_keep_their_options(
                          ["up.zarr", {"location": "s3://team-a/f.zarr", "options": {"anon": True}}])
     m = load_manifest(write_manifest(tmp_path / "m.yaml", data))
     assert m.upstreams == [(str(tmp_path / "up.zarr"), {}), ("s3://team-a/f.zarr", {"anon": True})]
-
-
-# -- the layered table ---------------------------------------------------------------------------
-
-def _table(name: str, keys: list[int], chunk: int = 4) -> RowTable:
-    root = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
-    table = RowTable.create(root, name, {"x": ((2,), "float32")}, chunk)
-    w = table.writer()
-    k = np.zeros((len(keys), 32), np.uint8)
-    k[:, 0] = keys
-    w.add(k, x=np.array([[v, v * 10] for v in keys], np.float32) + (100 if name == "up" else 0))
-    w.flush()
-    return table
-
-
-def _key(v: int) -> bytes:
-    k = np.zeros(32, np.uint8)
-    k[0] = v
-    return k.tobytes()
-
-
-def test_a_layered_table_reads_every_layer_and_the_first_layer_wins() -> None:
-    own, up = _table("own", [1, 2]), _table("up", [2, 3, 4])
-    layered = LayeredRows([own, up], own)
-    assert layered.rows == 5
-    index = layered.index()
-    assert index == {_key(1): 0, _key(2): 1, _key(3): 3, _key(4): 4}  # key 2: the working row
-    rows = np.array([4, 0, 3, 1, 4])
-    np.testing.assert_array_equal(layered.read("x", rows)[:, 0], [104, 1, 103, 2, 104])
-    np.testing.assert_array_equal(layered.read("x")[:, 0], [1, 2, 102, 103, 104])
-    with pytest.raises(StoreError, match="out of the committed range"):
-        layered.read("x", np.array([5]))
-
-
-def test_a_layered_table_appends_to_the_working_layer_only() -> None:
-    own, up = _table("own", [1]), _table("up", [2, 3])
-    layered = LayeredRows([own, up], own)
-    assert layered.index()[_key(3)] == 2
-    w = layered.writer()
-    k = np.zeros((1, 32), np.uint8)
-    k[0, 0] = 9
-    w.add(k, x=np.array([[9, 90]], np.float32))
-    w.flush()
-    assert (own.rows, up.rows) == (2, 2)
-    assert layered.index()[_key(9)] == 1 and layered.index()[_key(3)] == 3  # rebuilt on growth
-    with pytest.raises(StoreReadOnlyError, match="upstream stores are read-only"):
-        LayeredRows([up], None).writer()
-    with pytest.raises(StoreError, match="must come first"):
-        LayeredRows([up, own], own)
 
 
 def test_status_says_what_changed_against_an_upstreams_artefact(

@@ -11,7 +11,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shipyard.pipeline.errors import StoreError, StoreReadOnlyError
-from shipyard.pipeline.rows import KEY_BYTES, RowTable
+from shipyard.pipeline.rows import KEY_BYTES, LayeredRows, RowTable
 
 CHUNK = 4
 
@@ -198,3 +198,53 @@ def test_a_count_past_any_array_is_damage(tmp_path: Path, column: str) -> None:
     table.group.attrs["rows"] = -1
     with pytest.raises(StoreError, match="-1 rows committed"):
         table.check()
+
+
+# -- the layered table ---------------------------------------------------------------------------
+
+def _layer(name: str, keys: list[int], chunk: int = 4) -> RowTable:
+    root = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    table = RowTable.create(root, name, {"x": ((2,), "float32")}, chunk)
+    w = table.writer()
+    k = np.zeros((len(keys), 32), np.uint8)
+    k[:, 0] = keys
+    w.add(k, x=np.array([[v, v * 10] for v in keys], np.float32) + (100 if name == "up" else 0))
+    w.flush()
+    return table
+
+
+def _layer_key(v: int) -> bytes:
+    k = np.zeros(32, np.uint8)
+    k[0] = v
+    return k.tobytes()
+
+
+def test_a_layered_table_reads_every_layer_and_the_first_layer_wins() -> None:
+    own, up = _layer("own", [1, 2]), _layer("up", [2, 3, 4])
+    layered = LayeredRows([own, up], own)
+    assert layered.rows == 5
+    index = layered.index()
+    # key 2 is in both layers: the working layer's row wins
+    assert index == {_layer_key(1): 0, _layer_key(2): 1, _layer_key(3): 3, _layer_key(4): 4}
+    rows = np.array([4, 0, 3, 1, 4])
+    np.testing.assert_array_equal(layered.read("x", rows)[:, 0], [104, 1, 103, 2, 104])
+    np.testing.assert_array_equal(layered.read("x")[:, 0], [1, 2, 102, 103, 104])
+    with pytest.raises(StoreError, match="out of the committed range"):
+        layered.read("x", np.array([5]))
+
+
+def test_a_layered_table_appends_to_the_working_layer_only() -> None:
+    own, up = _layer("own", [1]), _layer("up", [2, 3])
+    layered = LayeredRows([own, up], own)
+    assert layered.index()[_layer_key(3)] == 2
+    w = layered.writer()
+    k = np.zeros((1, 32), np.uint8)
+    k[0, 0] = 9
+    w.add(k, x=np.array([[9, 90]], np.float32))
+    w.flush()
+    assert (own.rows, up.rows) == (2, 2)
+    assert layered.index()[_layer_key(9)] == 1 and layered.index()[_layer_key(3)] == 3  # rebuilt on growth
+    with pytest.raises(StoreReadOnlyError, match="upstream stores are read-only"):
+        LayeredRows([up], None).writer()
+    with pytest.raises(StoreError, match="must come first"):
+        LayeredRows([up, own], own)
