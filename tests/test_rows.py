@@ -248,3 +248,19 @@ def test_a_layered_table_appends_to_the_working_layer_only() -> None:
         LayeredRows([up], None).writer()
     with pytest.raises(StoreError, match="must come first"):
         LayeredRows([up, own], own)
+
+
+def test_a_layered_table_of_three_layers_offsets_each_layer_by_the_rows_before_it() -> None:
+    own, mid, up = _layer("own", [1]), _layer("mid", [2, 3]), _layer("up", [4, 5])
+    layered = LayeredRows([own, mid, up], own)
+    assert layered.rows == layered.check() == 5
+    assert layered.index() == {_layer_key(v): i for i, v in enumerate([1, 2, 3, 4, 5])}
+    np.testing.assert_array_equal(layered.read("x", np.array([4, 3, 0, 2, 1]))[:, 0],
+                                  [105, 104, 1, 3, 2])  # "up" rows carry +100
+    np.testing.assert_array_equal(layered.keys()[:, 0], [1, 2, 3, 4, 5])
+    assert layered.read("x", np.array([1, 2])).dtype == np.float32
+    for bad in ([], [up, own]):
+        with pytest.raises(StoreError, match="layered table"):
+            LayeredRows(bad, None if not bad else own)
+    with pytest.raises(StoreError, match="must come first"):
+        LayeredRows([mid, up, own], own)
