@@ -35,6 +35,7 @@ from .artifacts import (
     RECORDS,
     TEXT_SET,
     Kind,
+    Ref,
     input_refs,
 )
 from .locations import stored_objects, sweep_partials
@@ -171,7 +172,15 @@ def collect(store: FeatureStore, wanted: Wanted, grace_seconds: float,
 def _orphans(store: FeatureStore, done: list[_Node], reasons: dict[str, tuple[str, str]]) -> None:
     """Committed artefacts whose inputs are in no layer, to a fixpoint."""
     mine = {(n.kind.name, n.key): n for n in done}
-    below = {(n.kind.name, n.key) for up in store.upstreams for n in inventory(up) if n.complete}
+    below: set[tuple[str, str]] | None = None  # the upstreams' artefacts, listed once if needed
+
+    def in_upstreams(ref: tuple[str, str]) -> bool:
+        nonlocal below
+        if below is None:
+            below = {(n.kind.name, n.key) for up in store.upstreams for n in inventory(up)
+                     if n.complete}
+        return ref in below
+
     changed = True
     while changed:
         changed = False
@@ -180,7 +189,8 @@ def _orphans(store: FeatureStore, done: list[_Node], reasons: dict[str, tuple[st
                 continue
             for kind, key in input_refs(n.record.get("inputs") or {}):
                 holder = mine.get((kind.name, key))
-                if (holder is None or holder.path in reasons) and (kind.name, key) not in below:
+                if (holder is None or holder.path in reasons) and \
+                        not in_upstreams((kind.name, key)):
                     reasons[n.path] = ("orphan", f"its input {kind.name} {key[:12]} is gone")
                     changed = True
                     break
@@ -189,8 +199,8 @@ def _orphans(store: FeatureStore, done: list[_Node], reasons: dict[str, tuple[st
 def _superseded(store: FeatureStore, live: list[_Node],
                 wanted: Wanted) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
-    current = {name: store.own()._own_version(name) for name in
-               {n.dataset for n in live if n.dataset}}
+    own = store.own()
+    current = {name: own._own_version(name) for name in {n.dataset for n in live if n.dataset}}
     by_job: dict[str, list[_Node]] = {}
     for n in live:
         if n.kind is RECORDS and n.dataset is not None and current[n.dataset] is not None \
@@ -203,7 +213,7 @@ def _superseded(store: FeatureStore, live: list[_Node],
             by_job.setdefault(str(n.record["job"]), []).append(n)
     for job, group in by_job.items():
         planned = wanted.jobs.get(job)
-        if planned is not None and _committed_anywhere(store, group[0].kind, planned):
+        if planned is not None and store.lookup(Ref.of(group[0].kind, planned)) is not None:
             keeper, why = planned, "the manifest's"
         else:
             keeper = max(group, key=lambda n: (n.created, n.key)).key
@@ -212,12 +222,6 @@ def _superseded(store: FeatureStore, live: list[_Node],
             if n.key != keeper:
                 out[n.path] = ("superseded", f"by {keeper[:12]} ({why})")
     return out
-
-
-def _committed_anywhere(store: FeatureStore, kind: Kind, key: str) -> bool:
-    from .artifacts import Ref
-
-    return store.lookup(Ref.of(kind, key)) is not None
 
 
 def _keep_what_is_read(live: list[_Node], candidates: dict[str, tuple[str, str]]) -> None:

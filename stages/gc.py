@@ -18,8 +18,6 @@ from .base import Environment
 from .runner import Request, build_plan
 from .summaries import Summary
 
-DEFAULT_GRACE = "24h"  # an interrupted artefact younger than this may still be resumed
-
 
 def gc(manifest: Manifest, *, dry_run: bool, grace_seconds: float, device: str = "auto",
        progress: Progress | None = None, cache_dir: Path | None = None) -> Summary:
