@@ -45,6 +45,8 @@ def adapter_text(s: Summary) -> str:
     lines = [f"train-adapter {', '.join(s['methods'])}:"]
     for r in s["adapters"]:
         syn = f", synthetic {r['synthetic'][:12]}" if r["synthetic"] else ""
+        syn += f", synthetic domain {r['domain']}" if r.get("domain") else ""
+        syn += f" from epoch {r['resumed_from_epoch']}" if r.get("resumed_from_epoch") else ""
         lines.append(f"  {r['dataset']} seed {r['seed']} {r['method']}: {r['status']}{syn} "
                      f"({r['seconds']:.1f} s); adapter {r['adapter'][:12]}")
     return "\n".join(lines)

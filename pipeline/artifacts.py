@@ -40,7 +40,8 @@ TEXT_SET = Kind("text-set", 1, "", summary="class-name text features of one temp
 RECORDS = Kind("records", 1, "", summary="one version of a dataset's path -> image key, label, split")
 GENERATOR = Kind("generator", 1, "generators", resumable=True, summary="a trained SHIP generator")
 SYNTHETIC = Kind("synthetic", 1, "synthetic", summary="synthesized features, one row per class")
-ADAPTER = Kind("adapter", 1, "adapters", summary="a trained head's weights")
+ADAPTER = Kind("adapter", 1, "adapters", resumable=True,
+               summary="a trained head's weights (SYNC-CLIP's prompts resume from checkpoints)")
 CACHE = Kind("cache", 1, "caches", summary="a Tip-Adapter cache: keys, labels, FAISS index")
 RUN = Kind("run", 1, "runs", summary="an evaluation: results table per seed and mean")
 REPORT = Kind("report", 1, "", summary="the HTML report of a run (a file beside the manifest)")

@@ -9,7 +9,7 @@ What goes, each with its reason:
 - `orphan`: a committed artefact whose inputs are in no layer any more (to a fixpoint).
 - `incomplete`: an artefact begun and never committed, untouched for longer than the grace
   period (a killed training run a user may still resume is younger than that).
-- `checkpoint`: a committed generator's leftover training checkpoints.
+- `checkpoint`: a committed generator's or head's leftover training checkpoints.
 - `past-rows`: chunks of row-table arrays past the committed row count (a killed append).
 - `temporary`: temporary files of metadata writes a killed writer left.
 
@@ -29,6 +29,7 @@ from typing import Any
 import zarr
 
 from .artifacts import (
+    ADAPTER,
     EXTRACTOR,
     FOLDER_KINDS,
     GENERATOR,
@@ -245,14 +246,14 @@ def _removal(store: FeatureStore, n: _Node, reason: str, detail: str) -> Removal
 def _checkpoints(store: FeatureStore, kept: list[_Node]) -> list[Removal]:
     out = []
     for n in kept:
-        if n.kind is not GENERATOR:
+        if n.kind not in (GENERATOR, ADAPTER):
             continue
         group = child_group(store.root, n.path)
         for name in sorted(group.group_keys()):
             if name.startswith("checkpoint_"):
                 path = f"{n.path}/{name}"
                 out.append(Removal("checkpoint", path, "checkpoint", _bytes(store, path),
-                                   n.record.get("job"), "the generator is committed"))
+                                   n.record.get("job"), f"the {n.kind.name} is committed"))
     return out
 
 

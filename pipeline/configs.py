@@ -72,3 +72,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PromptDesign:
+    """SYNC-CLIP's prompt shapes (configs/trainers/SynCLIP): depth 9 on both towers, 4 vision
+    tokens, 2 of them synthetic-specific. The text context length is the head's n_ctx."""
+
+    depth: int = 9
+    vision_tokens: int = 4
+    synthetic_tokens: int = 2
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.vision_tokens < 1:
+            raise ValueError(f"prompt depth {self.depth} and vision tokens {self.vision_tokens} "
+                             "must be >= 1")
+        if not 0 <= self.synthetic_tokens <= self.vision_tokens:
+            raise ValueError(f"synthetic tokens {self.synthetic_tokens}: must lie in 0.."
+                             f"{self.vision_tokens} (they replace the first of the vision tokens)")
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)

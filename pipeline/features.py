@@ -39,12 +39,8 @@ def fewshot_set(ds: StoredDataset, extractor: Extractor, shots: int, seed: int,
     """The K-shot subset (seed) of a stored dataset restricted to `labels`, features gathered
     from `extractor`, augmented views from the recipe `views` (a view recipe key)."""
     dataset = str(ds.attrs["name"])
-    rows = ds.fewshot(shots, seed)
+    rows = fewshot_rows(ds, shots, seed, labels)
     all_labels = ds.labels()
-    rows = rows[np.isin(all_labels[rows], labels)]
-    if rows.size == 0:
-        raise StoreError(f"dataset {dataset}: no {shots}-shot training images of the selected "
-                         f"classes in the store (run `shipyard extract`)")
     keys = ds.keys()[rows]  # (M, 32)
     new_labels = relabel(all_labels[rows], labels)
     clean, clean_norms = _gather(extractor.images, keys, extractor, "images", dataset)
@@ -68,6 +64,16 @@ def fewshot_set(ds: StoredDataset, extractor: Extractor, shots: int, seed: int,
         clean_norms=torch.from_numpy(clean_norms).to(device),
         view_norms=torch.from_numpy(view_norms).to(device),
     )
+
+
+def fewshot_rows(ds: StoredDataset, shots: int, seed: int, labels: list[int]) -> np.ndarray:
+    """The stored rows of the K-shot subset (seed) whose label is one of `labels`, in order."""
+    rows = ds.fewshot(shots, seed)
+    rows = rows[np.isin(ds.labels()[rows], labels)]
+    if rows.size == 0:
+        raise StoreError(f"dataset {ds.attrs['name']}: no {shots}-shot training images of the "
+                         "selected classes in the store (run `shipyard extract`)")
+    return rows
 
 
 def _gather(source: RowTable, keys: np.ndarray, extractor: Extractor, table: str,

@@ -6,27 +6,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from .checkpoints import Checkpoint
 from .configs import TrainConfig
 from .features import FewShotSet
 from .progress import Progress, Silent
 from .ship import ShipGenerator, ship_loss
 from .text_encoder import ClassPrompts
-
-
-@dataclass
-class Checkpoint:
-    """Everything needed to continue training after `epoch` epochs."""
-
-    epoch: int
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]  # torch optimizer state_dict
-    rng: torch.Tensor  # torch.Generator state
-    log: list[dict[str, float]]
 
 
 def make_optimizer(model: ShipGenerator, cfg: TrainConfig) -> torch.optim.Optimizer:

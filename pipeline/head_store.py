@@ -15,7 +15,7 @@ from torch import nn
 from .artifacts import ADAPTER, CACHE, SYNTHETIC, Kind, Ref, record_of
 from .cache_index import CacheIndex, cache_logits
 from .class_index import ClassIndex
-from .configs import HeadConfig
+from .configs import HeadConfig, PromptDesign
 from .errors import UsageError
 from .head_inputs import HeadInputs
 from .heads import TipAdapter, build_head, cache_keys
@@ -24,6 +24,7 @@ from .records import class_key
 from .registry import heads
 from .rows import RowTable
 from .store import FeatureStore
+from .sync_prompts import PromptedVision
 from .text_encoder import PromptEncoder
 from .weights import load_tensors
 from .zarr_nodes import attrs_of, child_array, child_group, read_sealed, require_unit_rows
@@ -82,22 +83,25 @@ def stored_head(store: FeatureStore, kind: Kind, key: str, extractor: str,
     return group
 
 
-PROMPT_HEADS = ("coop", "sync-clip-fs")  # heads that encode their own class prompts
+PROMPT_HEADS = ("coop", "sync-clip-fs", "sync-clip")  # heads that encode their own class prompts
 
 
 def make_head(clip: ClipModel, inputs: HeadInputs, method: str, cfg: HeadConfig,
               syn: tuple[torch.Tensor, torch.Tensor] | None,
-              base_only: bool = False) -> nn.Module:
+              base_only: bool = False, design: dict[str, int] | None = None) -> nn.Module:
     """The untrained model of a head method (its Tip-Adapter cache includes `syn` when given).
-    `base_only`: CoOp trains with a softmax over the base classes alone (the baseline)."""
+    `base_only`: CoOp trains with a softmax over the base classes alone (the baseline).
+    `design`: SYNC-CLIP's prompt shapes, for the head that prompts the image tower too."""
     keys = cache_keys(inputs.train.views, inputs.train.clean, inputs.train.view_norms, cfg.keys)
     key_labels = inputs.train.labels
     if syn is not None and method.startswith("tip-adapter"):  # synthesized features join the cache
         keys, key_labels = torch.cat([keys, syn[0]]), torch.cat([key_labels, syn[1]])
     encoder = PromptEncoder.from_clip(clip) if method in PROMPT_HEADS else None
+    vision = PromptedVision(clip.model.visual) if design is not None else None
     return build_head(method, text=inputs.text, cfg=cfg, keys=keys, key_labels=key_labels,
                       encoder=encoder, classnames=inputs.classnames,
-                      train_classes=len(inputs.base) if base_only else None)
+                      train_classes=len(inputs.base) if base_only else None, vision=vision,
+                      design=PromptDesign(**design) if design is not None else None)
 
 
 def load_adapter(store: FeatureStore, key: str, clip: ClipModel, extractor: str,
@@ -114,7 +118,8 @@ def load_adapter(store: FeatureStore, key: str, clip: ClipModel, extractor: str,
     syn = None
     if synthetic and params["head"].startswith("tip-adapter"):
         syn = synthetic_features(store, synthetic, inputs, clip.device)
-    head = make_head(clip, inputs, params["head"], cfg, syn).to(clip.device)
+    head = make_head(clip, inputs, params["head"], cfg, syn,
+                     design=params.get("prompts")).to(clip.device)
     weights = load_tensors(group, "weights", clip.device)
     if transfer and attrs_of(group).get("classnames") != list(inputs.classnames):
         trained = dict(head.named_parameters())

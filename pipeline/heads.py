@@ -1,5 +1,6 @@
 """Classifier heads over cached CLIP features: zero-shot, linear probe, CLIP-Adapter, CoOp,
-Tip-Adapter(-F) and SYNC-CLIP-FS. Every head maps (B, D) unit-norm image features to (B, C)
+Tip-Adapter(-F), SYNC-CLIP-FS and SYNC-CLIP (whose prompted towers are in `sync_prompts.py`).
+Every head maps (B, D) unit-norm image features to (B, C)
 logits over all C classes of a dataset (base then new). One registry names them; configs are
 frozen dataclasses. SYNC-CLIP-FS trains in `sync_clip.py`."""
 
@@ -196,6 +197,13 @@ def cache_keys(views: torch.Tensor, clean: torch.Tensor, view_norms: torch.Tenso
     return F.normalize(views.mean(dim=1), dim=-1)  # (M, V, D) -> (M, D)
 
 
+def _sync_clip(cfg: HeadConfig, encoder: PromptEncoder, classnames: tuple[str, ...], vision: Any,
+               design: Any, **_: Any) -> nn.Module:
+    from .sync_prompts import SyncClip  # the prompted towers (it imports this module)
+
+    return SyncClip(encoder, vision, classnames, cfg, design)
+
+
 Builder = Callable[..., nn.Module]
 # The model of each head method of the registry (`registry.heads()`, presets/heads.json).
 BUILDERS: dict[str, Builder] = {
@@ -205,6 +213,7 @@ BUILDERS: dict[str, Builder] = {
     "coop": lambda text, cfg, encoder, classnames, train_classes=None, **_: CoOp(
         encoder, classnames, cfg, train_classes),
     "sync-clip-fs": lambda text, cfg, encoder, classnames, **_: SyncClipFS(encoder, classnames, cfg),
+    "sync-clip": _sync_clip,
     "tip-adapter": lambda text, cfg, keys, key_labels, **_: TipAdapter(
         text, keys, key_labels, cfg.alpha, cfg.beta, trainable=False),
     "tip-adapter-f": lambda text, cfg, keys, key_labels, **_: TipAdapter(

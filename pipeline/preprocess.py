@@ -59,7 +59,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _interpolation(pre: Preprocess) -> InterpolationMode:
+def interpolation_mode(pre: Preprocess) -> InterpolationMode:
     return InterpolationMode.BICUBIC if pre.interpolation == "bicubic" else InterpolationMode.BILINEAR
 
 
@@ -69,7 +69,7 @@ def _to_input(img: Image.Image, pre: Preprocess) -> torch.Tensor:
 
 def clean_view(img: Image.Image, pre: Preprocess) -> torch.Tensor:
     """Resize the short side to `size` (bicubic), center crop, normalize: (3, S, S)."""
-    img = TF.resize(img, pre.size, interpolation=_interpolation(pre))
+    img = TF.resize(img, pre.size, interpolation=interpolation_mode(pre))
     return _to_input(TF.center_crop(img, [pre.size, pre.size]), pre)
 
 
@@ -120,7 +120,7 @@ def augmented_views(img: Image.Image, key: bytes, views: int, seed: int, aug: Au
     for v in range(views):
         box = random_resized_crop(img.width, img.height, aug, view_rng(seed, key, v))
         crop = TF.resized_crop(img, box.top, box.left, box.height, box.width,
-                               [pre.size, pre.size], interpolation=_interpolation(pre))
+                               [pre.size, pre.size], interpolation=interpolation_mode(pre))
         if box.flip:
             crop = TF.hflip(crop)
         out.append(_to_input(crop, pre))

@@ -21,7 +21,7 @@ from .registry import (
 
 DEFAULT_SHIP_EPOCHS = 50
 TIP_HEADS = ("tip-adapter", "tip-adapter-f")
-SYNC_HEADS = ("sync-clip-fs",)
+SYNC_HEADS = ("sync-clip-fs", "sync-clip")
 
 
 def preset_of(spec: DatasetSpec) -> DatasetPreset:
@@ -67,13 +67,20 @@ def tip_init(manifest: Manifest, spec: DatasetSpec) -> tuple[float, float]:
 
 
 def method_notes(methods: Any) -> list[str]:
-    """Caveats a table carries for the methods in it: SYNC-CLIP-FS is shipyard's own design."""
+    """Caveats a table carries for the methods in it: SYNC-CLIP-FS is shipyard's own design;
+    sync-clip is the paper's method, with its prompt depth capped at the model's."""
     names = {m.removesuffix("+ship") for m in methods}
-    if names & set(SYNC_HEADS):
-        return ["sync-clip-fs is shipyard's own feature-space variant of SYNC-CLIP (CoOp's shared "
-                "context and a residual adapter per domain over cached features, with the paper's "
-                "three losses), not the paper's method, whose visual prompts need the image encoder"]
-    return []
+    notes = []
+    if "sync-clip-fs" in names:
+        notes.append("sync-clip-fs is shipyard's own feature-space variant of SYNC-CLIP (CoOp's "
+                     "shared context and a residual adapter per domain over cached features, with "
+                     "the paper's three losses), not the paper's method, whose visual prompts "
+                     "need the image encoder")
+    if "sync-clip" in names:
+        notes.append("sync-clip is the paper's method: deep vision-language prompts trained and "
+                     "scored with the image encoder in the loop (depth 9, or the model's depth "
+                     "when it has fewer blocks)")
+    return notes
 
 
 def index_notes(table: list[dict[str, Any]]) -> list[str]:

@@ -36,6 +36,8 @@ class HeadSpec:
     paper: str | None = None  # the `paper` protocol's selection rule (presets/heads.json)
     transfers: bool = False  # evaluable on another dataset's classes (cross-dataset transfer)
     ship_paper: str | None = None  # the '+ship' variant's, when it has its own
+    synthetic_domain: bool = False  # trains on the paired synthetic-domain dataset (SYNC-CLIP)
+    reads_images: bool = False  # the image encoder runs in its loop and when it is scored
 
     def config(self, ship: bool) -> HeadConfig:
         return self.ship_defaults if ship and self.ship_defaults else self.defaults
@@ -67,7 +69,9 @@ def heads() -> dict[str, HeadSpec]:
         out[name] = HeadSpec(name, h["stage"], h["ship"], bool(h["reads_val"]),
                              bool(h["reads_text"]), h["summary"], defaults, ship,
                              paper=h.get("paper"), ship_paper=h.get("ship_paper"),
-                             transfers=bool(h.get("transfers")))
+                             transfers=bool(h.get("transfers")),
+                             synthetic_domain=bool(h.get("synthetic_domain")),
+                             reads_images=bool(h.get("reads_images")))
     return out
 
 

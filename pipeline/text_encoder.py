@@ -129,9 +129,14 @@ class PromptEncoder(nn.Module):
         return self.token_embedding(tokens[0, 1:eos]).float().clone()  # (n, W)
 
     def forward(self, ctx: torch.Tensor, labels: torch.Tensor, prompts: ClassPrompts,
-                bias: torch.Tensor | None = None, *, truncate: bool = True) -> torch.Tensor:
+                bias: torch.Tensor | None = None, *, truncate: bool = True,
+                deep: torch.Tensor | None = None) -> torch.Tensor:
         """ctx (n, W) shared or (B, n, W) per sample, bias (B, W) added to every context vector,
         labels (B,) class indices -> (B, D) L2-normalized text features.
+
+        `deep` (L, n, W), deep prompts (SYNC-CLIP's and MaPLe's independent text prompts): block
+        i = 1..L of the transformer reads deep[i - 1] in place of the n context tokens' outputs
+        of the block before it; later blocks read what came before. L < the tower's depth.
 
         With `truncate`, the sequence is cut after the batch's (or group's) last EOS: the tower
         is causal, so the pooled features are those of the full length, for a fraction of the
@@ -139,24 +144,48 @@ class PromptEncoder(nn.Module):
         if labels.numel() == 0:
             return prompts.embeddings.new_zeros(0, self.embed_dim)
         if not truncate or self.length_groups == 1:
-            return self._encode(ctx, labels, prompts, bias, truncate)
+            return self._encode(ctx, labels, prompts, bias, truncate, deep)
         order = prompts.eos[labels].argsort()  # (B,) shortest prompts first
         parts = [self._encode(ctx if ctx.dim() == 2 else ctx[idx], labels[idx], prompts,
-                              None if bias is None else bias[idx], True)
+                              None if bias is None else bias[idx], True, deep)
                  for idx in order.tensor_split(self.length_groups) if len(idx)]
         return torch.cat(parts)[order.argsort()]  # (B, D) back in input order
 
     def _encode(self, ctx: torch.Tensor, labels: torch.Tensor, prompts: ClassPrompts,
-                bias: torch.Tensor | None, truncate: bool) -> torch.Tensor:
+                bias: torch.Tensor | None, truncate: bool,
+                deep: torch.Tensor | None = None) -> torch.Tensor:
         """One batch through the tower, cut after its last EOS if `truncate` -> (B, D)."""
         eos = prompts.eos[labels]  # (B,)
         length = int(eos.max()) + 1 if truncate else prompts.tokens.shape[1]
         x = self._splice(ctx, bias, prompts.embeddings[labels, :length], prompts.n_ctx)  # (B, L, W)
         x = x + self.positional_embedding[:length]  # (B, L, W) + (L, W)
-        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])  # (B, L, W)
+        mask = self.attn_mask[:length, :length]
+        x = self.transformer(x, attn_mask=mask) if deep is None else \
+            self._deep(x, mask, deep, prompts.n_ctx)  # (B, L, W)
         # LayerNorm is per token, so pooling first and normalizing only the EOS rows is exact.
         pooled = x[torch.arange(x.shape[0], device=x.device), eos]  # (B, W)
         return F.normalize(self._project(self.ln_final(pooled)), dim=-1)  # (B, D)
+
+    @property
+    def layers(self) -> int:
+        return len(self.transformer.resblocks)
+
+    def _deep(self, x: torch.Tensor, mask: torch.Tensor, deep: torch.Tensor,
+              n_ctx: int) -> torch.Tensor:
+        """The transformer block by block, rows 1..n_ctx replaced by deep[i - 1] before block i
+        (1 <= i <= L): (B, L, W) -> (B, L, W)."""
+        blocks = self.transformer.resblocks
+        if deep.dim() != 3 or deep.shape[1:] != (n_ctx, self.width) or len(deep) >= len(blocks):
+            raise ValueError(f"deep prompts of shape {tuple(deep.shape)}: expected (L, {n_ctx}, "
+                             f"{self.width}) with L < {len(blocks)} blocks")
+        first = getattr(self.transformer, "batch_first", True)
+        for i, block in enumerate(blocks):
+            if 0 < i <= len(deep):
+                tokens = deep[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+                x = torch.cat([x[:, :1], tokens, x[:, 1 + n_ctx :]], dim=1)
+            x = block(x if first else x.transpose(0, 1), attn_mask=mask)
+            x = x if first else x.transpose(0, 1)
+        return x
 
     def _splice(self, ctx: torch.Tensor, bias: torch.Tensor | None, embeddings: torch.Tensor,
                 n_ctx: int) -> torch.Tensor:

@@ -120,7 +120,7 @@ class Slot:
             inputs["val"] = facts.val[self.seed]
         if reads_test:
             inputs["test"] = facts.test
-        if head.ship == "domain" and not ship:  # SYNC-CLIP: the paired synthetic images
+        if head.synthetic_domain and not ship:  # SYNC-CLIP: the paired synthetic images
             if self.domain is None:
                 raise UsageError(f"dataset {self.spec.name}: {self.method} needs a synthetic-domain "
                                  f"dataset paired with it (an entry with domain: synthetic, "

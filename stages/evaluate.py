@@ -53,6 +53,7 @@ def compute(work: Work) -> Outcome:
     target = transfer_inputs(store, ex, spec, env.clip.device) if transfer else None
     heads: dict[str, dict[str, Any]] = job.inputs["heads"]
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in heads}
+    pixels: list[Any] = []  # the test images, read once for heads that encode them themselves
     task = env.progress.task(f"evaluate {job.dataset}", len(job.params["seeds"]) * len(heads),
                              "head")
     try:
@@ -62,7 +63,8 @@ def compute(work: Work) -> Outcome:
             for method, head in heads.items():
                 model = _load(work, head["kind"], head["keys"][i], inputs, bool(transfer))
                 index = getattr(model, "index_note", None)
-                rows[method].append({"seed": seed, **score(model, inputs),
+                scored = own_features(work, model, inputs, pixels)
+                rows[method].append({"seed": seed, **score(model, scored),
                                      **({"index": index} if index else {})})
                 task.advance(1)
     finally:
@@ -73,6 +75,29 @@ def compute(work: Work) -> Outcome:
     summary = {"table": [{k: v for k, v in r.items() if k != "per_class"} for r in table],
                "protocol": job.params["protocol"]}
     return Outcome({"table": table, "per_seed": rows}, summary)
+
+
+def own_features(work: Work, model: Any, inputs: Any, pixels: list[Any]) -> Any:
+    """`inputs` with the test features a head computes itself (SYNC-CLIP's prompted image
+    encoder) in place of the cached ones; `inputs` itself for every other head. `pixels` keeps
+    the test images once read (uint8, checked against their keys)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from ..pipeline.datasets import Split
+    from ..pipeline.image_sets import read_rows, stack_clean
+
+    if not hasattr(model, "image_features"):
+        return inputs
+    env = work.env
+    if not pixels:
+        spec, ds = env.manifest.dataset(work.job.dataset), work.store.dataset(work.job.dataset)
+        rows = np.flatnonzero(ds.splits() == Split.TEST)
+        images = read_rows(spec, ds, rows, env.manifest.extraction.max_pixels)
+        pixels.append(stack_clean(images, env.clip.preprocess))
+    features = model.image_features(pixels[0], env.clip.preprocess)
+    return replace(inputs, test=replace(inputs.test, features=features))
 
 
 def _load(work: Work, kind: str | None, key: str | None, inputs: Any, transfer: bool) -> Any:

@@ -72,7 +72,10 @@ def adapter_summary(results: list[Result], plan: Plan, env: Environment) -> Summ
         row = {**_entry(r, "adapter"), "method": r.job.method,
                "synthetic": r.job.inputs.get("synthetic"),
                "selected_epoch": r.summary.get("selected_epoch")}
-        for k in ("final_loss", "alpha", "beta", "c", "val_accuracy"):
+        if r.job.params.get("domain"):  # SYNC-CLIP's synthetic domain: a paired dataset
+            row["domain"] = r.job.params["domain"]
+        for k in ("final_loss", "final_align", "prompt_depth", "resumed_from_epoch", "alpha",
+                  "beta", "c", "val_accuracy"):
             if k in r.summary:
                 row[k] = r.summary[k]
         rows.append(row)

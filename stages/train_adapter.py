@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..pipeline.artifacts import ADAPTER
+from ..pipeline.configs import PromptDesign
 from ..pipeline.identity import view_recipe_key
 from ..pipeline.recipes import (
     SYNC_HEADS,
@@ -46,6 +47,8 @@ def declare(slot: Slot) -> Declared | None:
         params["sync"] = sync_weights(slot.spec)
         if not ship and slot.domain is not None:
             params["domain"] = slot.domain[0].facts.name
+    if spec.reads_images:  # the paper's SYNC-CLIP: its prompt shapes are part of what it is
+        params["prompts"] = PromptDesign().to_dict()
     reads_test = rule in ("best-epoch", "best-generator-epoch")
     inputs, deps, requires = slot.head_inputs(spec, ship, reads_test)
     if config.views != "primary":  # another recipe's views: its key is an input
@@ -69,6 +72,8 @@ def compute(work: Work) -> Outcome:
                          int(job.seed or 0), device, job.inputs.get("views", "primary"))
     inputs.check(job.inputs, job.id)
     method, cfg = job.params["head"], HeadConfig(**job.params["config"])
+    if "prompts" in job.params:
+        return train_prompted_head(work, inputs, cfg)
     if method in SYNC_HEADS:
         return train_sync_head(work, inputs, cfg)
     syn = synthetic_features(store, job.inputs["synthetic"], inputs, device) \
@@ -174,6 +179,62 @@ def train_sync_head(work: Work, inputs: Any, cfg: Any) -> Outcome:
     outcome = trained_outcome(work, head, out, inputs, cfg, source, {
         "design": "shipyard's feature-space variant of SYNC-CLIP, not the paper's method"})
     outcome.summary["final_align"] = round(float(last.get("align", float("nan"))), 6)
+    return outcome
+
+
+def train_prompted_head(work: Work, inputs: Any, cfg: Any) -> Outcome:
+    """The paper's SYNC-CLIP: deep prompts trained through the image encoder on the real shots'
+    images and the paired synthetic dataset's, resumed from its last epoch checkpoint."""
+    import numpy as np
+    import torch
+
+    from ..pipeline.checkpoints import (
+        Checkpoint,
+        drop_checkpoints,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from ..pipeline.dataset_plan import require_planned
+    from ..pipeline.features import fewshot_rows
+    from ..pipeline.head_store import make_head
+    from ..pipeline.image_sets import read_rows
+    from ..pipeline.sync_losses import SyncWeights
+    from ..pipeline.sync_prompted import SyncImages, synthetic_pixels, train_prompted
+    from ..pipeline.sync_prompts import SyncClip
+
+    job, env, store, group = work.job, work.env, work.store, work.group
+    clip, manifest = env.clip, env.manifest
+    spec = manifest.dataset(job.dataset)
+    max_pixels = manifest.extraction.max_pixels
+    ds = store.dataset(job.dataset)
+    rows = fewshot_rows(ds, spec.shots, int(job.seed or 0), inputs.base)
+    real = read_rows(spec, ds, rows, max_pixels)
+    domain = store.dataset(job.params["domain"])
+    require_planned(job.id, "domain", domain.version, job.inputs["domain"])
+    syn = read_rows(manifest.dataset(job.params["domain"]), domain, np.arange(len(domain)),
+                    max_pixels)
+    data = SyncImages(real, synthetic_pixels(syn, cfg.seed, clip.preprocess), syn.labels,
+                      clip.preprocess)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation, caller's RNG untouched
+        torch.manual_seed(cfg.seed)
+        head = make_head(clip, inputs, job.params["head"], cfg, None,
+                         design=job.params["prompts"]).to(clip.device)
+    assert isinstance(head, SyncClip)
+    resume = load_checkpoint(group, clip.device) if work.resumed else None
+
+    def checkpoint(state: Checkpoint) -> None:
+        if state.epoch < cfg.epochs:
+            save_checkpoint(group, state)
+
+    out = train_prompted(head, data, len(inputs.base), inputs.new, cfg,
+                         SyncWeights(**job.params["sync"]), resume, checkpoint, env.progress)
+    drop_checkpoints(group, keep=None)  # before the commit: a committed head has none
+    start = resume.epoch if resume else 0
+    outcome = trained_outcome(work, head, out, inputs, cfg, f"dataset {job.params['domain']}",
+                              {"prompt_depth": head.depths()})
+    last = out["log"][-1] if out["log"] else {}
+    outcome.summary.update({"final_align": round(float(last.get("align", float("nan"))), 6),
+                            "resumed_from_epoch": start})
     return outcome
 
 

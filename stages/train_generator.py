@@ -33,15 +33,16 @@ def declare(slot: Slot) -> Declared:
 def compute(work: Work) -> Outcome:
     import torch
 
-    from ..pipeline.configs import ShipConfig
-    from ..pipeline.features import fewshot_set
-    from ..pipeline.generator_training import Checkpoint, train_ship
-    from ..pipeline.generators import (
+    from ..pipeline.checkpoints import (
+        Checkpoint,
         drop_checkpoints,
         load_checkpoint,
         save_checkpoint,
-        snapshot_name,
     )
+    from ..pipeline.configs import ShipConfig
+    from ..pipeline.features import fewshot_set
+    from ..pipeline.generator_training import train_ship
+    from ..pipeline.generators import snapshot_name
     from ..pipeline.ship import ShipGenerator
     from ..pipeline.text_encoder import PromptEncoder
     from ..pipeline.weights import save_tensors

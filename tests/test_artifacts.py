@@ -84,8 +84,9 @@ def test_each_kind_has_its_folder_in_the_store_layout() -> None:
     assert all(k.summary for k in KINDS.values())
 
 
-def test_only_generators_resume_an_interrupted_artefact() -> None:
-    assert [k.name for k in KINDS.values() if k.resumable] == ["generator"]
+def test_only_trainings_with_checkpoints_resume_an_interrupted_artefact() -> None:
+    # SHIP generators and heads (SYNC-CLIP's prompts checkpoint every epoch).
+    assert [k.name for k in KINDS.values() if k.resumable] == ["generator", "adapter"]
 
 
 def test_folder_kinds_are_the_top_level_folders_other_than_extractors() -> None:
@@ -211,7 +212,7 @@ def test_an_interrupted_generator_is_resumed_with_what_it_wrote(root: zarr.Group
                                   "no record"])
 def test_an_interrupted_artefact_is_otherwise_replaced_by_an_empty_group(
         root: zarr.Group, case: str) -> None:
-    kind = ADAPTER if case == "not resumable" else GENERATOR
+    kind = CACHE if case == "not resumable" else GENERATOR
     ref = _interrupted(root, kind)
     if case == "another record key":
         root[ref.path].attrs["record"] = _record("other")

@@ -71,7 +71,7 @@ def test_trains_then_skips_when_up_to_date(make_manifest: Callable[..., Manifest
 
 CHILD = """
 import sys, time
-import shipyard.pipeline.generators as gens
+import shipyard.pipeline.checkpoints as gens
 real = gens.save_checkpoint
 def slow(group, state):
     real(group, state)
