@@ -128,9 +128,8 @@ def _losses(head: SyncClip, real: torch.Tensor, syn: torch.Tensor, y: torch.Tens
             wanted: torch.Tensor, n_base: int) -> tuple[torch.Tensor, ...]:
     """One step's (L_real, L_syn, L_align, correct real predictions)."""
     text = head.text()  # (C, D) both domains' classifier, recomputed from the prompts
-    real_raw = head.encode(real, synthetic=False).float()
+    real_raw, syn_raw = (f.float() for f in head.encode_both(real, syn))  # one tower forward
     real_logits = head.logits(real_raw, text[:n_base])
-    syn_raw = head.encode(syn, synthetic=True).float()
     l_real = F.cross_entropy(real_logits, y)
     l_syn = syn_loss(head.logits(syn_raw, text), wanted)
     l_align = align_loss(syn_raw[: len(y)], real_raw, y)  # raw features, nothing detached

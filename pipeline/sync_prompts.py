@@ -52,8 +52,10 @@ class PromptedVision(nn.Module):
 
     `forward(images, shared, synthetic)`: images (B, 3, S, S); shared (L, n, W) the vision
     prompts of the input (row 0) and of blocks 1..L-1; synthetic (L, k, W) or None, replacing
-    the first k tokens at every prompted layer. Returns (B, D) raw features (before the L2
-    normalization), as `encode_image(normalize=False)`. With n = 0 it is `encode_image`."""
+    the first k tokens at every prompted layer, for the rows from `first_synthetic` on (the
+    rows before it are real images: one forward serves both domains). Returns (B, D) raw
+    features (before the L2 normalization), as `encode_image(normalize=False)`. With n = 0 it
+    is `encode_image`."""
 
     visual: Any  # open_clip's VisionTransformer
 
@@ -71,7 +73,7 @@ class PromptedVision(nn.Module):
         return super().train(False)  # the tower is frozen: dropout and patch dropout stay off
 
     def forward(self, images: torch.Tensor, shared: torch.Tensor,
-                synthetic: torch.Tensor | None = None) -> torch.Tensor:
+                synthetic: torch.Tensor | None = None, first_synthetic: int = 0) -> torch.Tensor:
         v = self.visual
         depth, n = int(shared.shape[0]), int(shared.shape[1])
         if shared.dim() != 3 or shared.shape[2] != self.width or not 1 <= depth <= self.layers:
@@ -85,24 +87,28 @@ class PromptedVision(nn.Module):
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # (B, 1+g*g, W)
         tokens = int(x.shape[1])
-        x = v.ln_pre(torch.cat([x, self._layer(shared, synthetic, 0, x)], dim=1)) if n else \
-            v.ln_pre(x)
+        split = first_synthetic if synthetic is not None else x.shape[0]
+        x = v.ln_pre(torch.cat([x, self._layer(shared, synthetic, 0, x, split)], dim=1)) if n \
+            else v.ln_pre(x)
         first = getattr(v.transformer, "batch_first", True)
         for i, block in enumerate(v.transformer.resblocks):
             if n and 0 < i < depth:  # the previous layer's prompt outputs are replaced
-                x = torch.cat([x[:, :tokens], self._layer(shared, synthetic, i, x)], dim=1)
+                x = torch.cat([x[:, :tokens], self._layer(shared, synthetic, i, x, split)], dim=1)
             x = block(x if first else x.transpose(0, 1))
             x = x if first else x.transpose(0, 1)
         return self._pool(x, tokens)
 
     @staticmethod
-    def _layer(shared: torch.Tensor, synthetic: torch.Tensor | None, i: int,
-               x: torch.Tensor) -> torch.Tensor:
-        """Layer i's prompt tokens for the batch: (B, n, W)."""
-        tokens = shared[i]
-        if synthetic is not None and synthetic.shape[1]:
-            tokens = torch.cat([synthetic[i], tokens[synthetic.shape[1] :]])
-        return tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+    def _layer(shared: torch.Tensor, synthetic: torch.Tensor | None, i: int, x: torch.Tensor,
+               split: int) -> torch.Tensor:
+        """Layer i's prompt tokens for the batch: (B, n, W), the real tokens for rows before
+        `split`, the synthetic ones (first k replaced) from it on."""
+        real = shared[i].to(x.dtype).unsqueeze(0).expand(split, -1, -1)
+        if synthetic is None or split == x.shape[0]:
+            return real
+        mixed = torch.cat([synthetic[i], shared[i][synthetic.shape[1] :]]).to(x.dtype)
+        mixed = mixed.unsqueeze(0).expand(x.shape[0] - split, -1, -1)
+        return torch.cat([real, mixed]) if split else mixed
 
     def _pool(self, x: torch.Tensor, tokens: int) -> torch.Tensor:
         """open_clip's pooling, over [CLS] + patches only (prompt tokens are never pooled)."""
@@ -155,6 +161,14 @@ class SyncClip(nn.Module):
         """(B, 3, S, S) normalized images -> (B, D) raw features."""
         return self.vision(images, self.vision_prompts,
                            self.synthetic_prompts if synthetic else None)
+
+    def encode_both(self, real: torch.Tensor, synthetic: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw features of real images (R, 3, S, S) through the real prompts and of synthetic
+        ones (S', 3, S, S) through the synthetic prompts, in one forward of the tower."""
+        both = torch.cat([real, synthetic])
+        raw = self.vision(both, self.vision_prompts, self.synthetic_prompts, len(real))
+        return raw[: len(real)], raw[len(real) :]
 
     def class_features(self) -> torch.Tensor:
         labels = torch.arange(len(self.prompts), device=self.ctx.device)

@@ -17,14 +17,15 @@ from shipyard.cli import app
 from typer.testing import CliRunner
 
 from tests.conftest import manifest_dict, write_manifest
+from tests.test_sync_clip_fs import _synthetic_folder
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 METHODS = ["zero-shot", "linear-probe", "clip-adapter", "coop", "coop+ship", "tip-adapter",
-           "tip-adapter-f", "tip-adapter-f+ship", "sync-clip-fs+ship"]
+           "tip-adapter-f", "tip-adapter-f+ship", "sync-clip-fs", "sync-clip-fs+ship", "sync-clip"]
 FAST = {"coop": {"epochs": 5}, "tip-adapter-f": {"epochs": 5}, "clip-adapter": {"epochs": 5},
-        "sync-clip-fs": {"epochs": 2}}
+        "sync-clip-fs": {"epochs": 2}, "sync-clip": {"epochs": 3}}
 
 
 def _run(tmp_path: Path, small_demo: Path, device: str, **model: Any) -> dict[str, Any]:
@@ -33,6 +34,10 @@ def _run(tmp_path: Path, small_demo: Path, device: str, **model: Any) -> dict[st
     data["datasets"][0]["seeds"] = [1]
     data["ship"] = {"epochs": 3, "synthesize": {"per_class": 4}}
     data["heads"] = {"methods": METHODS, "overrides": FAST}
+    # SYNC-CLIP's synthetic domain; sync-clip trains its prompts under CUDA autocast.
+    folder = tmp_path / "syn" if (tmp_path / "syn").is_dir() else _synthetic_folder(tmp_path)
+    data["datasets"].append({"name": "demo-syn", "format": "imagefolder", "domain": "synthetic",
+                             "pairs_with": "demo", "root": str(folder)})
     path = write_manifest(tmp_path / f"{device}.yaml", data)
     result = CliRunner().invoke(app, ["--manifest", str(path), "--device", device, "run", "--json"])
     assert result.exit_code == 0, result.output

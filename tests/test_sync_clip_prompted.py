@@ -21,6 +21,7 @@ import pytest
 import torch
 import zarr
 import zarr.storage
+from PIL import Image
 from shipyard.pipeline.checkpoints import Checkpoint
 from shipyard.pipeline.configs import HeadConfig, PromptDesign
 from shipyard.pipeline.image_sets import ImageRows, clean_pixels, normalize, stack_crops
@@ -30,7 +31,6 @@ from shipyard.pipeline.sync_losses import SyncWeights
 from shipyard.pipeline.sync_prompted import SyncImages, _losses, train_prompted
 from shipyard.pipeline.sync_prompts import PromptedVision, SyncClip
 from shipyard.pipeline.text_encoder import PromptEncoder
-from PIL import Image
 
 from tests.conftest import manifest_dict, write_manifest
 from tests.test_sync_clip_fs import NAMES, _synthetic_folder, invoke
@@ -38,10 +38,11 @@ from tests.test_sync_clip_fs import NAMES, _synthetic_folder, invoke
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _head(clip: ClipModel, encoder: PromptEncoder, design: PromptDesign = PromptDesign(),
+def _head(clip: ClipModel, encoder: PromptEncoder, design: PromptDesign | None = None,
           seed: int = 0) -> SyncClip:
     torch.manual_seed(seed)
-    return SyncClip(encoder, PromptedVision(clip.model.visual), NAMES, HeadConfig(), design)
+    return SyncClip(encoder, PromptedVision(clip.model.visual), NAMES, HeadConfig(),
+                    design or PromptDesign())
 
 
 def _images(n: int, side: int = 64, seed: int = 0) -> torch.Tensor:
@@ -96,6 +97,10 @@ def test_vision_prompts_sit_where_the_public_code_puts_them(clip: ClipModel, enc
         torch.testing.assert_close(head.encode(x), want_real, rtol=0, atol=1e-5)
         torch.testing.assert_close(head.encode(x, synthetic=True), want_syn, rtol=0, atol=1e-5)
         assert not torch.allclose(head.encode(x), head.encode(x, synthetic=True), atol=1e-3)
+        # One forward for both domains: the real rows first, then the synthetic ones.
+        real, syn = head.encode_both(x[:1], x)
+        torch.testing.assert_close(real, want_real[:1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(syn, want_syn, rtol=0, atol=1e-5)
 
 
 def test_deep_text_prompts_replace_the_context_outputs_before_each_block(
@@ -233,8 +238,9 @@ def _manifest(tmp_path: Path, small_demo: Path, epochs: int = 2, store: str = "s
     data["datasets"][0]["seeds"] = [1]
     data["heads"] = {"methods": ["zero-shot", "sync-clip"],
                      "overrides": {"sync-clip": {"epochs": epochs}}}
+    folder = tmp_path / "syn" if (tmp_path / "syn").is_dir() else _synthetic_folder(tmp_path)
     data["datasets"].append({"name": "demo-syn", "format": "imagefolder", "domain": "synthetic",
-                             "pairs_with": "demo", "root": str(_synthetic_folder(tmp_path))})
+                             "pairs_with": "demo", "root": str(folder)})
     return write_manifest(tmp_path / f"{store}.yaml", data)
 
 
@@ -260,9 +266,8 @@ def test_the_stages_train_and_score_it_on_its_own_image_features(
     from shipyard.pipeline.image_sets import read_rows, stack_clean
     from shipyard.pipeline.manifest_files import load_manifest
     from shipyard.pipeline.metrics import base_new
-    from shipyard.stages.base import Environment
-
     from shipyard.pipeline.store import FeatureStore
+    from shipyard.stages.base import Environment
 
     manifest = load_manifest(path)
     env = Environment(manifest, device="cpu")
@@ -304,3 +309,84 @@ def test_an_image_changed_since_extraction_is_refused_in_one_line(
     (spec.root / name).unlink()
     with pytest.raises(UsageError, match=f"^dataset demo: cannot read {name} "):
         read_rows(spec, ds, rows, 10**8)
+
+
+CHILD = """
+import sys, time
+import shipyard.pipeline.checkpoints as checkpoints
+real = checkpoints.save_checkpoint
+def slow(group, state):
+    real(group, state)
+    time.sleep(0.3)
+checkpoints.save_checkpoint = slow
+from shipyard.pipeline.manifest_files import load_manifest
+from tests.conftest import run_stage
+run_stage(load_manifest(sys.argv[1]), "train-adapter", seeds=(1,), methods=("sync-clip",))
+"""
+
+
+def _checkpoint_epoch(store: Path) -> int:
+    # Polling races the writer by design: zarr warns about its in-flight temporary files.
+    warnings.filterwarnings("ignore", message=".*partial is not recognized", category=UserWarning)
+    try:
+        root = zarr.open_group(zarr.storage.LocalStore(store, read_only=True), mode="r")
+        for key in root["adapters"].group_keys():
+            name = root[f"adapters/{key}"].attrs.get("checkpoint")
+            return int(str(name).removeprefix("checkpoint_")) if name else 0
+    except Exception:  # not created yet: keep polling
+        return 0
+    return 0
+
+
+def _stored_prompts(manifest_path: Path, key: str) -> dict[str, torch.Tensor]:
+    from shipyard.pipeline.artifacts import ADAPTER, Ref
+    from shipyard.pipeline.manifest_files import load_manifest
+    from shipyard.pipeline.store import FeatureStore
+    from shipyard.pipeline.weights import load_tensors
+
+    with FeatureStore.open(str(load_manifest(manifest_path).store)) as store:
+        group = store.lookup(Ref.of(ADAPTER, key))
+        assert group is not None
+        assert not [k for k in group.group_keys() if k.startswith("checkpoint_")]
+        return load_tensors(group, "weights")
+
+
+@pytest.mark.slow
+def test_a_sigkilled_training_resumes_to_the_uninterrupted_prompts(
+        tmp_path: Path, small_demo: Path) -> None:
+    from shipyard.pipeline.manifest_files import load_manifest
+
+    from tests.conftest import run_stage
+
+    epochs = 8
+    killed = _manifest(tmp_path, small_demo, epochs=epochs, store="killed.zarr")
+    assert invoke("--manifest", str(killed), "--device", "cpu", "extract").exit_code == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(killed)], env=env, cwd=ROOT)
+    store = tmp_path / "killed.zarr"
+    try:
+        deadline = time.monotonic() + 180
+        while _checkpoint_epoch(store) < 2 and time.monotonic() < deadline:
+            assert child.poll() is None, "training finished before it could be killed"
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    at_kill = _checkpoint_epoch(store)
+    assert 2 <= at_kill < epochs
+
+    again = run_stage(load_manifest(killed), "train-adapter", seeds=(1,), methods=("sync-clip",))
+    r = again["adapters"][0]
+    assert r["status"] == "resumed" and r["resumed_from_epoch"] == at_kill
+    clean = _manifest(tmp_path, small_demo, epochs=epochs, store="clean.zarr")
+    assert invoke("--manifest", str(clean), "--device", "cpu", "extract").exit_code == 0
+    c = run_stage(load_manifest(clean), "train-adapter", seeds=(1,),
+                  methods=("sync-clip",))["adapters"][0]
+    assert c["status"] == "built" and c["adapter"] == r["adapter"]
+    got, want = _stored_prompts(killed, r["adapter"]), _stored_prompts(clean, c["adapter"])
+    assert got.keys() == want.keys() == {"ctx", "text_deep", "vision_prompts", "synthetic_prompts"}
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert r["final_loss"] == c["final_loss"]
