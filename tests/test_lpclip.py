@@ -226,7 +226,8 @@ def test_features_are_normalised_inside() -> None:
                              vx * 3.0, vy, 3)
     assert scaled.c == unit.c and scaled.searched == unit.searched
     torch.testing.assert_close(scaled.weight, unit.weight, atol=1e-6, rtol=0)
-    w, b = fit_logistic(F.normalize(x, dim=-1), y, 3, unit.c)
+    # `unit` normalised its (already unit) input again: the same float64 rows here, bit for bit.
+    w, b = fit_logistic(F.normalize(F.normalize(x, dim=-1), dim=-1), y, 3, unit.c)
     torch.testing.assert_close(unit.weight, w, atol=1e-12, rtol=0)
     torch.testing.assert_close(unit.bias, b, atol=1e-12, rtol=0)
     pred = predict_logits(unit.weight, unit.bias, vx).argmax(dim=1)
