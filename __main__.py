@@ -2,4 +2,5 @@
 
 from shipyard.cli import main
 
-main()
+if __name__ == "__main__":  # not when a dask worker process re-imports the main module
+    main()

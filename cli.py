@@ -256,6 +256,12 @@ else:
                                        "train-adapter", "build-cache", "evaluate", "report"])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+WorkersOpt = Annotated[int | None, typer.Option(min=1, help=(
+    "Encode images on N local dask worker processes (one torch thread each); the driver "
+    "commits. Needs the `distributed` extra."))]
+SchedulerOpt = Annotated[str | None, typer.Option(help=(
+    "Encode images on an existing dask cluster (its scheduler address; default: "
+    "$DASK_SCHEDULER_ADDRESS when set)."))]
 DatasetOpt = Annotated[list[str] | None, typer.Option(
     "--dataset", "-d", help="Only this manifest dataset (repeatable). Default: all.")]
 SeedOpt = Annotated[list[int] | None, typer.Option(
@@ -270,10 +276,28 @@ def extract(
     ctx: typer.Context,
     dataset: DatasetOpt = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first unusable image.")] = False,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Encode the manifest's images and class names; only what the store lacks."""
-    _stage(ctx.obj, "extract", as_json, _request(dataset, methods=()), strict=strict)
+    g: Globals = ctx.obj
+    _run(g, as_json, lambda: _extract_on(g, workers, scheduler, strict, dataset),
+         cli_text.STAGE_TEXT["extract"])
+
+
+def _cluster(workers: int | None, scheduler: str | None) -> Any:
+    from .pipeline.cluster import ClusterSpec
+
+    return ClusterSpec.resolve(workers, scheduler)
+
+
+def _extract_on(g: Globals, workers: int | None, scheduler: str | None, strict: bool,
+                dataset: list[str] | None) -> Summary:
+    from .stages.commands import stage_command
+
+    return stage_command(g.load(), "extract", _request(dataset, methods=()), device=g.device,
+                         progress=_progress(g), strict=strict, cluster=_cluster(workers, scheduler))
 
 
 @app.command("train-generator")
@@ -396,6 +420,8 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="Print the plan; run nothing.")] = False,
     force: Annotated[StageName | None, typer.Option(help=(
         "Recompute this stage's jobs even if up to date."))] = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run every stage in order; up-to-date work is skipped."""
@@ -408,7 +434,8 @@ def run(
         return
     _run(g, as_json, lambda: commands.run_all(g.load(), _request(dataset), device=g.device,
                                            progress=_progress(g),
-                                           force=str(force) if force else None),
+                                           force=str(force) if force else None,
+                                           cluster=_cluster(workers, scheduler)),
          cli_text.run_text, ok=_reports_written)
 
 

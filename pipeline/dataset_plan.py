@@ -51,7 +51,7 @@ def plan_dataset(spec: DatasetSpec, workers: int, progress: Progress,
     """Read one dataset's records and hash their files (`classes_of`: a synthetic dataset's
     paired real classes)."""
     data = read_dataset(spec, classes_of)
-    files = sorted({data.file(r) for r in data.records})
+    files = sorted({data.file(r) for r in data.records}, key=str)
     cache = StatCache((cache_dir or default_cache_dir()) / "stat.sqlite")
     task = progress.task(f"hash {spec.name}", len(files), "file")
     try:

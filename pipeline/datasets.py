@@ -10,7 +10,8 @@ import json
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import ImageRootError, ShipyardError, UsageError
+from .locations import first_line
 from .manifest import DatasetFormat, DatasetSpec
+from .remote_paths import RemotePath
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -57,12 +60,12 @@ class Failure:
 @dataclass(frozen=True)
 class DatasetRecords:
     name: str
-    root: Path
+    root: Path | RemotePath
     classnames: tuple[str, ...]
     records: tuple[Record, ...]  # entries whose path is safe; files may still be unreadable
     rejected: tuple[Failure, ...]  # entries refused before any file was opened
 
-    def file(self, record: Record) -> Path:
+    def file(self, record: Record) -> Path | RemotePath:
         return self.root / record.path
 
 
@@ -75,9 +78,14 @@ def read_dataset(spec: DatasetSpec, classes_of: tuple[str, ...] | None = None) -
         DatasetFormat.COOP: _read_coop,
         DatasetFormat.IMAGEFOLDER: _read_imagefolder,
     }
-    if not spec.root.is_dir():
-        raise DatasetError(f"dataset {spec.name}: image root {spec.root} is not a folder")
-    classnames, entries = readers[spec.format](spec)
+    root = spec.images
+    with remote_errors(spec.name, root):
+        if not root.is_dir():
+            if isinstance(root, RemotePath):
+                raise ImageRootError(f"dataset {spec.name}: image root {root} is not a folder on "
+                                     "the object store (no object under that prefix)")
+            raise DatasetError(f"dataset {spec.name}: image root {root} is not a folder")
+        classnames, entries = readers[spec.format](spec)
     if classes_of is not None:
         classnames, entries = _paired(spec, classnames, entries, classes_of)
     elif len(classnames) < 2:
@@ -90,7 +98,22 @@ def read_dataset(spec: DatasetSpec, classes_of: tuple[str, ...] | None = None) -
             rejected.append(Failure(path, problem))
         else:
             records.append(Record(Path(path).as_posix(), label, split))
-    return DatasetRecords(spec.name, spec.root, tuple(classnames), tuple(records), tuple(rejected))
+    return DatasetRecords(spec.name, root, tuple(classnames), tuple(records), tuple(rejected))
+
+
+@contextmanager
+def remote_errors(dataset: str, root: Path | RemotePath) -> Iterator[None]:
+    """An object store that cannot be reached or read while listing is one line (exit 1)."""
+    if not isinstance(root, RemotePath):
+        yield
+        return
+    try:
+        yield
+    except ShipyardError:
+        raise
+    except Exception as exc:  # botocore, aiohttp, fsspec: their own types, one line here
+        raise ImageRootError(f"dataset {dataset}: cannot list image root {root}: "
+                             f"{first_line(exc)}") from None
 
 
 def _paired(spec: DatasetSpec, names: list[str], entries: list[tuple[str, int, Split]],
@@ -122,10 +145,11 @@ def unsafe_path_reason(path: str) -> str | None:
 
 
 def _read_coop(spec: DatasetSpec) -> _Entries:
-    assert spec.split_file is not None  # the manifest guarantees it for format coop
-    where = f"dataset {spec.name}: split file {spec.split_file}"
+    source = spec.split_source
+    assert source is not None  # the manifest guarantees it for format coop
+    where = f"dataset {spec.name}: split file {source}"
     try:
-        data = json.loads(spec.split_file.read_text(encoding="utf-8"))
+        data = json.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DatasetError(f"{where}: not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -174,21 +198,22 @@ def _classnames(names: dict[int, str], where: str) -> list[str]:
 
 
 def _read_imagefolder(spec: DatasetSpec) -> _Entries:
-    where = f"dataset {spec.name}: image folder {spec.root}"
-    present = [s.name.lower() for s in Split if (spec.root / s.name.lower()).is_dir()]
+    root = spec.images
+    where = f"dataset {spec.name}: image folder {root}"
+    present = [s.name.lower() for s in Split if (root / s.name.lower()).is_dir()]
     if present:  # split folders, not classes named "train" and "val"
         if "train" not in present or "test" not in present:
             missing = " and ".join(n for n in ("train", "test") if n not in present)
             raise DatasetError(f"{where}: has {'/, '.join(present)}/ but no {missing}/ (add it, or "
                                "put the class folders at the top for a seeded split by `split`)")
-        return _read_split_folders(spec.root, where)
-    classes = sorted(p.name for p in spec.root.iterdir() if p.is_dir())
+        return _read_split_folders(root, where)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DatasetError(f"{where}: no class folders")
     rng = np.random.default_rng(spec.split.seed)
     entries: list[tuple[str, int, Split]] = []
     for label, cls in enumerate(classes):
-        files = _images_in(spec.root / cls, f"{cls}")
+        files = _images_in(root / cls, f"{cls}")
         order = rng.permutation(len(files))
         n_test = round(len(files) * spec.split.test)
         n_val = round(len(files) * spec.split.val)
@@ -198,7 +223,7 @@ def _read_imagefolder(spec: DatasetSpec) -> _Entries:
     return _classnames(dict(enumerate(classes)), where), entries
 
 
-def _read_split_folders(root: Path, where: str) -> _Entries:
+def _read_split_folders(root: Path | RemotePath, where: str) -> _Entries:
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise DatasetError(f"{where}: train/ has no class folders")
@@ -215,9 +240,12 @@ def _read_split_folders(root: Path, where: str) -> _Entries:
     return _classnames(dict(enumerate(classes)), where), entries
 
 
-def _images_in(folder: Path, prefix: str) -> list[str]:
+def _images_in(folder: Path | RemotePath, prefix: str) -> list[str]:
     """Image files under a class folder, in its subfolders too, as sorted `prefix/...` paths.
     Links are not followed into other folders (a class is what lies under its own folder)."""
+    if isinstance(folder, RemotePath):
+        return sorted(f"{prefix}/{p}" for p in folder.files()
+                      if Path(p).suffix.lower() in IMAGE_SUFFIXES)
     out = []
     for parent, dirs, files in os.walk(folder):
         dirs.sort()

@@ -57,6 +57,11 @@ class ModelLoadError(ShipyardError):
     """The CLIP model or its weights could not be loaded."""
 
 
+class ImageRootError(ShipyardError):
+    """An image root on object storage cannot be reached, listed or read (exit 1: the manifest
+    may be right and the bucket down)."""
+
+
 class ImageError(ShipyardError):
     """An image could not be read or decoded (reported per image, fatal only with --strict)."""
 

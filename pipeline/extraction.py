@@ -13,24 +13,26 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .datasets import Failure
 from .errors import ImageError
+from .locations import first_line
 from .manifest import ExtractionSpec
 from .models import ClipModel, encode_images
 from .preprocess import augmented_views, clean_view, decode
 from .progress import Progress
+from .remote_paths import RemotePath
 from .store import RowTable
 
 
 @dataclass(frozen=True)
 class WorkItem:
     key: bytes  # sha256 of the file's bytes when it was hashed
-    path: Path  # any one file with these bytes
+    path: Path | RemotePath  # any one file with these bytes (local, or on object storage)
     name: str  # how to name it in a report (dataset-relative path)
 
 
@@ -52,12 +54,16 @@ def _read_checked(item: WorkItem) -> bytes:
         data = item.path.read_bytes()
     except OSError as exc:
         raise ImageError(f"{item.name}: cannot read ({exc.strerror or exc})") from None
+    except Exception as exc:  # an object store's client error: this image only
+        if not isinstance(item.path, RemotePath):
+            raise
+        raise ImageError(f"{item.name}: cannot read ({first_line(exc)})") from None
     if hashlib.sha256(data).digest() != item.key:
         raise ImageError(f"{item.name}: file changed during extraction")
     return data
 
 
-def _clean_batch(items: Sequence[WorkItem], clip: ClipModel, max_pixels: int) -> Decoded:
+def clean_batch(items: Sequence[WorkItem], clip: ClipModel, max_pixels: int) -> Decoded:
     good, tensors, failures = [], [], []
     for item in items:
         try:
@@ -69,7 +75,7 @@ def _clean_batch(items: Sequence[WorkItem], clip: ClipModel, max_pixels: int) ->
     return good, (torch.stack(tensors) if tensors else None), failures
 
 
-def _views_batch(items: Sequence[WorkItem], clip: ClipModel, spec: ExtractionSpec) -> Decoded:
+def views_batch(items: Sequence[WorkItem], clip: ClipModel, spec: ExtractionSpec) -> Decoded:
     good, tensors, failures = [], [], []
     for item in items:
         try:
@@ -119,53 +125,77 @@ def aligned_batch(batch_size: int, chunk_rows: int) -> int:
     return batch
 
 
+# One encoded batch as the commit loop reads it: keys (N, 32), unit features (float16) and norms
+# (None when nothing in it decoded), the failures, and the seconds the model forward took.
+Block = tuple[np.ndarray, np.ndarray | None, np.ndarray | None, list[Failure], float]
+
+
+class Remote(Protocol):
+    """Encodes batches elsewhere (dask workers, `cluster.RemoteEncoder`), in batch order."""
+
+    def blocks(self, mode: str, batches: Sequence[Sequence[WorkItem]]) -> Iterator[Block]: ...
+
+
 def encode_clean(clip: ClipModel, table: RowTable, items: Sequence[WorkItem], spec: ExtractionSpec,
-                 progress: Progress, strict: bool) -> EncodeResult:
-    """Encode the clean view of each item into `table` (keys, unit features, norms)."""
-    batch = aligned_batch(spec.batch_size, table.chunk_rows)
-    return _encode(table, _batches(items, batch), lambda b: _clean_batch(b, clip, spec.max_pixels),
-                   lambda x: encode_images(clip, x), len(items), "images", progress, strict,
-                   spec.workers)
+                 progress: Progress, strict: bool, remote: Remote | None = None) -> EncodeResult:
+    """Encode the clean view of each item into `table` (keys, unit features, norms), here or
+    on `remote`'s workers: the same batches, committed in the same order."""
+    batches = _batches(items, aligned_batch(spec.batch_size, table.chunk_rows))
+    blocks = remote.blocks("clean", batches) if remote else _local(
+        batches, lambda b: clean_batch(b, clip, spec.max_pixels),
+        lambda x: encode_images(clip, x), spec.workers)
+    return _commit(table, blocks, len(items), "images", progress, strict)
 
 
 def encode_views(clip: ClipModel, table: RowTable, items: Sequence[WorkItem], spec: ExtractionSpec,
-                 progress: Progress, strict: bool) -> EncodeResult:
+                 progress: Progress, strict: bool, remote: Remote | None = None) -> EncodeResult:
     """Encode V seeded augmented views of each item into `table` (keys, (V, D) unit features,
     (V,) norms)."""
-    batch = aligned_batch(max(1, spec.batch_size // spec.views), table.chunk_rows)
+    batches = _batches(items, aligned_batch(max(1, spec.batch_size // spec.views), table.chunk_rows))
 
     def forward(x: torch.Tensor) -> np.ndarray:
         return encode_images(clip, x).reshape(-1, spec.views, clip.embed_dim)  # (B, V, D)
 
-    return _encode(table, _batches(items, batch), lambda b: _views_batch(b, clip, spec), forward,
-                   len(items), "views", progress, strict, spec.workers)
+    blocks = remote.blocks("views", batches) if remote else _local(
+        batches, lambda b: views_batch(b, clip, spec), forward, spec.workers)
+    return _commit(table, blocks, len(items), "views", progress, strict)
 
 
-def _encode(table: RowTable, batches: list[Sequence[WorkItem]],
-            make: Callable[[Sequence[WorkItem]], Decoded],
-            forward: Callable[[torch.Tensor], np.ndarray], total: int, what: str,
-            progress: Progress, strict: bool, workers: int) -> EncodeResult:
+def _local(batches: list[Sequence[WorkItem]], make: Callable[[Sequence[WorkItem]], Decoded],
+           forward: Callable[[torch.Tensor], np.ndarray], workers: int) -> Iterator[Block]:
+    """In-process: decode in `workers` threads, the model forward here."""
+    for good, tensor, failures in _prefetched(batches, make, workers):
+        keys = np.frombuffer(b"".join(i.key for i in good), np.uint8).reshape(-1, 32)
+        if tensor is None:
+            yield keys, None, None, failures, 0.0
+            continue
+        t0 = time.perf_counter()
+        features = forward(tensor)
+        seconds = time.perf_counter() - t0
+        unit, norms = split_norms(features)
+        yield keys, unit.astype(np.float16), norms, failures, seconds
+
+
+def _commit(table: RowTable, blocks: Iterator[Block], total: int, what: str, progress: Progress,
+            strict: bool) -> EncodeResult:
+    """Write the blocks in order; rows are committed chunk by chunk as the writer fills them."""
     result = EncodeResult()
-    if not batches:
+    if not total:
         return result
     started = time.perf_counter()
     task = progress.task(f"encode {what}", total, "img")
     writer = table.writer()
     try:
-        for good, tensor, failures in _prefetched(batches, make, workers):
+        for keys, unit, norms, failures, seconds in blocks:
             if failures and strict:
                 f = failures[0]
                 raise ImageError(f"{f.path}: {f.reason} (--strict)")
             result.failures.extend(failures)
-            if tensor is not None:
-                t0 = time.perf_counter()
-                features = forward(tensor)
-                result.model_seconds += time.perf_counter() - t0
-                keys = np.frombuffer(b"".join(i.key for i in good), np.uint8).reshape(-1, 32)
-                unit, norms = split_norms(features)
-                writer.add(keys, features=unit.astype(np.float16), norms=norms)
-                result.encoded += len(good)
-            task.advance(len(good) + len(failures))
+            if unit is not None and norms is not None:
+                result.model_seconds += seconds
+                writer.add(keys, features=unit, norms=norms)
+                result.encoded += len(keys)
+            task.advance(len(keys) + len(failures))
     finally:
         writer.flush()  # keep every finished batch, even when stopping on an error
         task.close()

@@ -11,6 +11,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from .locations import first_line
+from .remote_paths import RemotePath, RemoteStat
 
 _READ_BLOCK = 1 << 20
 _BLOCK_FILES = 4096
@@ -29,7 +33,9 @@ def sha256_bytes(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def sha256_file(path: Path) -> bytes:
+def sha256_file(path: Path | RemotePath) -> bytes:
+    if isinstance(path, RemotePath):  # one GET; objects are images, not gigabytes
+        return hashlib.sha256(path.read_bytes()).digest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_READ_BLOCK):
@@ -39,8 +45,8 @@ def sha256_file(path: Path) -> bytes:
 
 @dataclass(frozen=True)
 class HashResult:
-    keys: dict[Path, bytes]  # path -> 32-byte digest, for every file that could be read
-    errors: dict[Path, str]  # path -> reason, for files that could not
+    keys: dict[Any, bytes]  # path (Path or RemotePath) -> 32-byte digest, for every file read
+    errors: dict[Any, str]  # path -> reason, for files that could not
     read: int  # files actually read (stat-cache misses)
 
 
@@ -53,7 +59,9 @@ class StatCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS stat (path TEXT PRIMARY KEY, size INTEGER, "
                          "mtime_ns INTEGER, ino INTEGER, digest BLOB)")
 
-    def get(self, path: str, st: os.stat_result) -> bytes | None:
+    def get(self, path: str, st: Any) -> bytes | None:
+        """The digest cached for `path` if its (size, mtime_ns, inode) still match `st` (an
+        os.stat_result, or a RemotePath's stat: size, mtime, a number from the ETag)."""
         row = self._db.execute("SELECT size, mtime_ns, ino, digest FROM stat WHERE path = ?",
                                (path,)).fetchone()
         if row and tuple(row[:3]) == (st.st_size, st.st_mtime_ns, st.st_ino):
@@ -69,15 +77,15 @@ class StatCache:
 
 
 def hash_files(
-    paths: Sequence[Path],
+    paths: Sequence[Path | RemotePath],
     cache: StatCache | None,
     workers: int = 4,
     on_progress: Callable[[int], None] | None = None,
 ) -> HashResult:
     """sha256 every file, reading only those the stat cache cannot vouch for."""
-    keys: dict[Path, bytes] = {}
-    errors: dict[Path, str] = {}
-    misses: list[tuple[Path, os.stat_result]] = []
+    keys: dict[Any, bytes] = {}
+    errors: dict[Any, str] = {}
+    misses: list[tuple[Any, Any]] = []
     for p in paths:
         try:
             st = p.stat()
@@ -87,7 +95,13 @@ def hash_files(
         except OSError as exc:
             errors[p] = f"cannot stat: {exc.strerror or exc}"
             continue
-        if not p.is_file():
+        except Exception as exc:  # an object store client's own error types
+            if not isinstance(p, RemotePath):
+                raise
+            errors[p] = f"cannot stat: {first_line(exc)}"
+            continue
+        if (isinstance(st, RemoteStat) and not st.is_file) or \
+                (not isinstance(st, RemoteStat) and not p.is_file()):
             errors[p] = "not a regular file"
             continue
         hit = cache.get(str(p), st) if cache else None
@@ -98,12 +112,16 @@ def hash_files(
         else:
             misses.append((p, st))
 
-    def work(item: tuple[Path, os.stat_result]) -> tuple[Path, os.stat_result, bytes | str]:
+    def work(item: tuple[Any, Any]) -> tuple[Any, Any, bytes | str]:
         p, st = item
         try:
             return p, st, sha256_file(p)
         except OSError as exc:
             return p, st, f"cannot read: {exc.strerror or exc}"
+        except Exception as exc:  # an object store client's own error types
+            if not isinstance(p, RemotePath):
+                raise
+            return p, st, f"cannot read: {first_line(exc)}"
 
     fresh: list[tuple[str, int, int, int, bytes]] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -45,7 +45,7 @@ def read_rows(spec: DatasetSpec, ds: StoredDataset, rows: np.ndarray, max_pixels
     for row, key in zip(rows.tolist(), keys, strict=True):
         name = paths[row]
         try:
-            data = (spec.root / name).read_bytes()
+            data = (spec.images / name).read_bytes()
         except OSError as exc:
             raise UsageError(f"dataset {spec.name}: cannot read {name} "
                              f"({exc.strerror or exc}); run `shipyard extract`") from None

@@ -26,6 +26,7 @@ from . import registry
 from .configs import HeadConfig
 from .errors import ManifestError
 from .locations import is_url
+from .remote_paths import RemotePath, image_root
 
 
 class Device(StrEnum):
@@ -149,8 +150,13 @@ class ImageFolderSplit(Spec):
 class DatasetSpec(Spec):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     format: DatasetFormat
-    root: Path = Field(description="image root; every image path must resolve under it")
-    split_file: Path | None = Field(None, description="CoOp split JSON (format coop only)")
+    root: Path | str = Field(description=(
+        "image root, a local folder or an fsspec URL (s3://bucket/images); every image path must "
+        "resolve under it"))
+    root_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "fsspec storage options of a URL root and split file (endpoint, credentials)"))
+    split_file: Path | str | None = Field(None, description=(
+        "CoOp split JSON (format coop only), a local file or an fsspec URL"))
     split: ImageFolderSplit = ImageFolderSplit()
     templates: Annotated[tuple[str, ...], OneOrMany] = Field(
         ("a photo of a {}.",), min_length=1,
@@ -208,10 +214,23 @@ class DatasetSpec(Spec):
     def _known_overrides(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         return check_overrides(value)
 
-    @field_validator("root", "split_file")
+    @field_validator("root", "split_file", mode="before")
     @classmethod
-    def _resolve(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else (_base(info) / value).resolve()
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None or (isinstance(value, str) and is_url(value)):
+            return value  # a URL stays as written
+        if not isinstance(value, str | Path):
+            return value  # the field's own validation says what is wrong
+        return (_base(info) / value).resolve()
+
+    @property
+    def images(self) -> Path | RemotePath:
+        """The image root as the readers take it: a Path, or a RemotePath for a URL."""
+        return image_root(self.root, self.root_options)
+
+    @property
+    def split_source(self) -> Path | RemotePath | None:
+        return None if self.split_file is None else image_root(self.split_file, self.root_options)
 
     @field_validator("templates", mode="before")
     @classmethod

@@ -206,10 +206,11 @@ class Environment:
 
     def __init__(self, manifest: Manifest, device: str = "auto", progress: Progress | None = None,
                  cache_dir: Path | None = None, report_dir: Path | None = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, cluster: Any = None) -> None:
         self.manifest = manifest
         self.device = device
         self.strict = strict  # extract: any unusable image is fatal
+        self.cluster = cluster  # extract: a cluster.ClusterSpec whose dask workers encode
         self.progress = progress or Silent()
         self.cache_dir = cache_dir or default_cache_dir()
         self.report_dir = report_dir or manifest.path.resolve().parent / "reports"

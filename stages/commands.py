@@ -21,9 +21,11 @@ from .summaries import Summary, summarize
 
 def stage_command(manifest: Manifest, stage: str, request: Request, *, device: str = "auto",
                   progress: Progress | None = None, force: bool = False, strict: bool = False,
-                  cache_dir: Path | None = None, report_dir: Path | None = None) -> Summary:
-    """One stage's jobs (evaluate: with its report); what they read must be up to date."""
-    env = Environment(manifest, device, progress, cache_dir, report_dir, strict)
+                  cache_dir: Path | None = None, report_dir: Path | None = None,
+                  cluster: Any = None) -> Summary:
+    """One stage's jobs (evaluate: with its report); what they read must be up to date.
+    `cluster` (a `cluster.ClusterSpec`): extract on its dask workers."""
+    env = Environment(manifest, device, progress, cache_dir, report_dir, strict, cluster)
     names = (stage, "report") if stage == "evaluate" else (stage,)
 
     def check(plan: Plan, store: FeatureStore | None) -> None:  # before anything is written
@@ -47,9 +49,10 @@ def stage_command(manifest: Manifest, stage: str, request: Request, *, device: s
 
 def run_all(manifest: Manifest, request: Request, *, device: str = "auto",
             progress: Progress | None = None, force: str | None = None,
-            cache_dir: Path | None = None, report_dir: Path | None = None) -> Summary:
+            cache_dir: Path | None = None, report_dir: Path | None = None,
+            cluster: Any = None) -> Summary:
     """Every stale job of the manifest, in dependency order; `force` recomputes one stage's."""
-    env = Environment(manifest, device, progress, cache_dir, report_dir)
+    env = Environment(manifest, device, progress, cache_dir, report_dir, cluster=cluster)
     results: list[Result] = []
     with open_writable(manifest, env, request, lambda plan, _store: plan.raise_broken(),
                        create=True) as (store, plan):

@@ -6,6 +6,8 @@ Model code is imported inside the compute functions: planning imports none."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..pipeline.artifacts import RECORDS, Ref
@@ -70,8 +72,6 @@ def missing(store: FeatureStore, job: Job) -> list[str]:
 
 def compute_batch(works: list[Work]) -> dict[str, Any]:
     """Encode what every stale dataset lacks (shared images once), then store the records."""
-    from ..pipeline.extraction import encode_clean, encode_views
-
     env, store = works[0].env, works[0].store
     spec = env.manifest.extraction
     planned: list[PlannedDataset] = [w.job.detail for w in works]
@@ -84,7 +84,33 @@ def compute_batch(works: list[Work]) -> dict[str, Any]:
     ex = store.create_extractor(env.extractor_fp, env.description(), clip.embed_dim, spec.views,
                                 spec.chunk_rows)
     work = _missing(plans, ex.images.index())
-    clean = encode_clean(clip, ex.images, work, spec, env.progress, env.strict)
+    with _workers(env) as remote:
+        return _extract(works, store, ex, work, remote, started, timings)
+
+
+@contextmanager
+def _workers(env: Any) -> Iterator[Any]:
+    """The dask workers' encoder when the command asked for a cluster, else None (in-process)."""
+    if env.cluster is None:
+        yield None
+        return
+    from ..pipeline.cluster import RemoteEncoder, session
+
+    with session(env.cluster, env.device) as client:
+        yield RemoteEncoder(client, env.manifest.model.model_dump(mode="json"),
+                            env.manifest.extraction.model_dump(mode="json"), env.device,
+                            env.extractor_fp)
+
+
+def _extract(works: list[Work], store: FeatureStore, ex: Extractor, work: list[Any], remote: Any,
+             started: float, timings: dict[str, float]) -> dict[str, Any]:
+    from ..pipeline.extraction import encode_clean, encode_views
+
+    env, spec = works[0].env, works[0].env.manifest.extraction
+    planned: list[PlannedDataset] = [w.job.detail for w in works]
+    plans = [d.plan for d in planned]
+    clip = env.clip
+    clean = encode_clean(clip, ex.images, work, spec, env.progress, env.strict, remote)
     timings["encode"] = clean.seconds
     have = set(ex.images.index())
     tables = [records_table(p, have) for p in plans]
@@ -96,7 +122,7 @@ def compute_batch(works: list[Work]) -> dict[str, Any]:
              spec.model_copy(update={"augment": aug})) for name, aug in spec.recipes.items()]
         for label, table, recipe in recipes:
             res = encode_views(clip, table, _missing_views(planned, tables, table), recipe,
-                               env.progress, env.strict)
+                               env.progress, env.strict, remote)
             views_done, views_failed = views_done + res.encoded, views_failed + len(res.failures)
             timings[label] = res.seconds
     t0 = time.perf_counter()

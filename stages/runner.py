@@ -50,6 +50,8 @@ class Plan:
     requires: dict[str, tuple[Ref, ...]] = field(default_factory=dict)
     datasets: dict[str, PlannedDataset] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)  # dataset -> why it cannot be planned
+    # dataset -> the exit code of why, where it is a runtime failure (an unreachable bucket: 1)
+    broken_exit: dict[str, int] = field(default_factory=dict)
     texts: set[str] = field(default_factory=set)  # keys of the text sets the datasets read
 
     def of(self, stage: str) -> list[Job]:
@@ -68,7 +70,8 @@ class Plan:
 
     def raise_broken(self) -> None:
         for name, error in self.broken.items():
-            raise UsageError(error if name in error else f"dataset {name}: {error}")
+            line = error if name in error else f"dataset {name}: {error}"
+            raise UsageError(line) if self.broken_exit.get(name, 2) == 2 else ShipyardError(line)
 
 
 def build_plan(env: Environment, store: FeatureStore | None, request: Request) -> Plan:
@@ -96,6 +99,7 @@ def build_plan(env: Environment, store: FeatureStore | None, request: Request) -
                                    m.extraction.views_for)
         except ShipyardError as exc:
             plan.broken[spec.name] = str(exc)
+            plan.broken_exit[spec.name] = exc.exit_code
             continue
         plan.datasets[spec.name] = planned
         texts = [text_key(plan.extractor, t, planned.facts.classnames) for t in spec.templates]

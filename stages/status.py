@@ -35,7 +35,9 @@ def status(manifest: Manifest, request: Request, *, device: str = "auto",
             jobs = [j for j in wanted if j.dataset == name]
             states = [job_state(j, store, slots) for j in jobs]
             entry: dict[str, Any] = {"name": name}
-            extract_job = next(j for j in jobs if j.stage == "extract")
+            # A synthetic-domain dataset no head reads is in no report's closure: its own
+            # extract job still says what it lacks.
+            extract_job = next(j for j in plan.of("extract") if j.dataset == name)
             entry |= extract.counts(store, extract_job) if store else {
                 "records": len(planned.plan.data.records) + len(planned.plan.data.rejected),
                 "unusable": len(planned.plan.failures) + len(planned.known_failures)}

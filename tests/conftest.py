@@ -1,8 +1,10 @@
-"""Shared fixtures: small CoOp-format datasets cut from the embedded demo, and manifests for them."""
+"""Shared fixtures: small CoOp-format datasets cut from the embedded demo, manifests for them, and
+a local S3-compatible server."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -154,7 +156,7 @@ def make_manifest(tmp_path: Path, small_demo: Path) -> Callable[..., Manifest]:
 
 def run_stage(manifest: Manifest, stage: str, *, seeds: tuple[int, ...] = (),
               methods: tuple[str, ...] | None = None, strict: bool = False, force: bool = False,
-              **options: Any) -> dict[str, Any]:
+              cluster: Any = None, **options: Any) -> dict[str, Any]:
     """One stage command from Python, on the CPU: what `shipyard <stage>` runs."""
     from shipyard.stages.commands import stage_command
     from shipyard.stages.runner import Request
@@ -162,7 +164,8 @@ def run_stage(manifest: Manifest, stage: str, *, seeds: tuple[int, ...] = (),
     if methods is None and stage in ("extract", "train-generator", "synthesize"):
         methods = ()
     request = Request((), seeds, methods, {k: v for k, v in options.items() if v is not None})
-    return stage_command(manifest, stage, request, device="cpu", strict=strict, force=force)
+    return stage_command(manifest, stage, request, device="cpu", strict=strict, force=force,
+                         cluster=cluster)
 
 
 def run_once(root: Path, manifest: Callable[[Path, Path], dict[str, Any]]) -> str:
@@ -189,3 +192,24 @@ def copy_run(root: Path, stdout: str, tmp_path: Path,
         shutil.copytree(root / "reports", tmp_path / "reports")
     path = write_manifest(tmp_path / "m.yaml", manifest(tmp_path / "data", tmp_path / "s.zarr"))
     return path, json.loads(stdout.replace(str(root), str(tmp_path)))
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A local S3-compatible server (moto on 127.0.0.1), its endpoint in the environment."""
+    s3fs = pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    # The server's request log would land in the CLI's stderr beside its one-line errors.
+    monkeypatch.setattr(logging.getLogger("werkzeug"), "level", logging.WARNING)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    s3fs.S3FileSystem.clear_instance_cache()  # cached clients would keep an older endpoint
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(var, value)
+        yield endpoint
+    finally:
+        server.stop()

@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +26,6 @@ s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 from tests.conftest import manifest_dict, run_stage, write_manifest  # noqa: E402
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    # The server's request log would land in the CLI's stderr beside its one-line errors.
-    monkeypatch.setattr(logging.getLogger("werkzeug"), "level", logging.WARNING)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    s3fs.S3FileSystem.clear_instance_cache()  # cached clients would keep an older endpoint
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
-            monkeypatch.setenv(var, value)
-        yield endpoint
-    finally:
-        server.stop()
 
 
 def _options(endpoint: str) -> dict[str, object]:

@@ -74,6 +74,11 @@ def test_a_synthetic_dataset_is_extracted_beside_its_pair_and_recorded_as_its_do
     keys = {k.tobytes() for k in stored}
     assert len(keys) == 129 and {k.tobytes() for k in synthetic} <= keys
     assert np.isin(syn.keys().view("S32"), real.keys().view("S32")).sum() == 1  # the shared one
+    # No head of the manifest reads the synthetic domain: status still reports what it lacks.
+    status = invoke("--manifest", str(path), "status", "--json")
+    assert status.exit_code == 0, status.output
+    entries = {d["name"]: d for d in json.loads(status.stdout)["datasets"]}
+    assert entries["demo-syn"]["missing_features"] == 0 and entries["demo-syn"]["records_current"]
 
 
 def test_an_unknown_class_name_is_one_line(tmp_path: Path, small_demo: Path) -> None:
