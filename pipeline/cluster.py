@@ -164,6 +164,42 @@ def encode_block(model: dict[str, Any], extraction: dict[str, Any], device: str,
     return out
 
 
+HASH_BLOCK = 64  # files per hashing task
+
+
+def hash_block(paths: list[Any]) -> list[bytes | str]:
+    """Runs on a worker: the sha256 of each file (a RemotePath), or why it could not be read."""
+    from .hashing import sha256_file
+    from .locations import first_line
+
+    out: list[bytes | str] = []
+    for p in paths:
+        try:
+            out.append(sha256_file(p))
+        except FileNotFoundError:
+            out.append("file not found")
+        except Exception as exc:  # one object's failure is that object's, not the run's
+            out.append(f"cannot read: {first_line(exc)}")
+    return out
+
+
+@dataclass
+class RemoteHasher:
+    """Hashes files on the cluster's workers, in blocks, and returns the results in order: the
+    driver never reads an image on object storage to plan an extraction."""
+
+    client: Any
+
+    def __call__(self, paths: list[Any]) -> list[bytes | str]:
+        futures = [self.client.submit(hash_block, paths[i : i + HASH_BLOCK], pure=False,
+                                      retries=RETRIES)
+                   for i in range(0, len(paths), HASH_BLOCK)]
+        out: list[bytes | str] = []
+        for future in futures:
+            out += future.result()
+        return out
+
+
 @dataclass
 class RemoteEncoder:
     """Submits blocks to a cluster and yields their results in block order, a window of tasks

@@ -9,6 +9,7 @@ the store (`subset_key`), so a planned job and the job that runs agree on their 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,15 +48,17 @@ class DatasetPlan:
 
 def plan_dataset(spec: DatasetSpec, workers: int, progress: Progress,
                  cache_dir: Path | None = None,
-                 classes_of: tuple[str, ...] | None = None) -> DatasetPlan:
+                 classes_of: tuple[str, ...] | None = None,
+                 remote: Callable[[list[Any]], list[bytes | str]] | None = None) -> DatasetPlan:
     """Read one dataset's records and hash their files (`classes_of`: a synthetic dataset's
-    paired real classes)."""
+    paired real classes; `remote`: hashes files on object storage on dask workers)."""
     data = read_dataset(spec, classes_of)
     files = sorted({data.file(r) for r in data.records}, key=str)
     cache = StatCache((cache_dir or default_cache_dir()) / "stat.sqlite")
     task = progress.task(f"hash {spec.name}", len(files), "file")
     try:
-        hashed = hash_files(files, cache, workers=max(2, workers * 2), on_progress=task.advance)
+        hashed = hash_files(files, cache, workers=max(2, workers * 2), on_progress=task.advance,
+                            remote=remote)
     finally:
         task.close()
         cache.close()

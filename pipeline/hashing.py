@@ -81,8 +81,10 @@ def hash_files(
     cache: StatCache | None,
     workers: int = 4,
     on_progress: Callable[[int], None] | None = None,
+    remote: Callable[[list[Any]], list[bytes | str]] | None = None,
 ) -> HashResult:
-    """sha256 every file, reading only those the stat cache cannot vouch for."""
+    """sha256 every file, reading only those the stat cache cannot vouch for. With `remote`
+    (dask workers), the misses on object storage are hashed there, not here."""
     keys: dict[Any, bytes] = {}
     errors: dict[Any, str] = {}
     misses: list[tuple[Any, Any]] = []
@@ -124,19 +126,36 @@ def hash_files(
             return p, st, f"cannot read: {first_line(exc)}"
 
     fresh: list[tuple[str, int, int, int, bytes]] = []
+
+    def done(p: Any, st: Any, out: bytes | str) -> None:
+        if isinstance(out, bytes):
+            keys[p] = out
+            fresh.append((str(p), st.st_size, st.st_mtime_ns, st.st_ino, out))
+        else:
+            errors[p] = out
+        if on_progress:
+            on_progress(1)
+
+    if remote is not None:
+        elsewhere = [m for m in misses if isinstance(m[0], RemotePath)]
+        misses = [m for m in misses if not isinstance(m[0], RemotePath)]
+        for start in range(0, len(elsewhere), _BLOCK_FILES):
+            block = elsewhere[start : start + _BLOCK_FILES]
+            for (p, st), out in zip(block, remote([p for p, _ in block]), strict=True):
+                done(p, st, out)
+            if cache and fresh:
+                cache.put_many(fresh)
+            fresh.clear()
+        read = len(elsewhere)
+    else:
+        read = 0
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         # Blocks bound the number of pending futures; each block's digests are cached at once so
         # an interrupted run keeps what it hashed.
         for start in range(0, len(misses), _BLOCK_FILES):
             for p, st, out in pool.map(work, misses[start : start + _BLOCK_FILES]):
-                if isinstance(out, bytes):
-                    keys[p] = out
-                    fresh.append((str(p), st.st_size, st.st_mtime_ns, st.st_ino, out))
-                else:
-                    errors[p] = out
-                if on_progress:
-                    on_progress(1)
+                done(p, st, out)
             if cache and fresh:
                 cache.put_many(fresh)
             fresh.clear()
-    return HashResult(keys, errors, len(misses))
+    return HashResult(keys, errors, read + len(misses))

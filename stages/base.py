@@ -10,6 +10,7 @@ stage never looks another stage up, never imports one, and never decides whether
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -211,6 +212,8 @@ class Environment:
         self.device = device
         self.strict = strict  # extract: any unusable image is fatal
         self.cluster = cluster  # extract: a cluster.ClusterSpec whose dask workers encode
+        self._stack: ExitStack | None = None  # the cluster session, once one is needed
+        self._client: Any = None
         self.progress = progress or Silent()
         self.cache_dir = cache_dir or default_cache_dir()
         self.report_dir = report_dir or manifest.path.resolve().parent / "reports"
@@ -232,6 +235,39 @@ class Environment:
                                          "from the cached identity; run the command again")
             self._identity = identity
         return self._clip
+
+    def cluster_client(self) -> Any:
+        """The dask client of the command's cluster, connected (a local one started) on first
+        use and closed by `close`."""
+        if self._client is None:
+            from ..pipeline.cluster import session
+
+            self._stack = ExitStack()
+            self._client = self._stack.enter_context(session(self.cluster, self.device))
+        return self._client
+
+    def remote_hasher(self, spec: DatasetSpec) -> Any:
+        """Hashing on the workers, for a dataset whose images live on object storage when the
+        command has a cluster; None otherwise (the driver hashes, stat-cached)."""
+        from ..pipeline.remote_paths import RemotePath
+
+        if self.cluster is None or not isinstance(spec.images, RemotePath):
+            return None
+        from ..pipeline.cluster import RemoteHasher
+
+        return RemoteHasher(self.cluster_client())
+
+    def __enter__(self) -> Environment:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what the command opened (the cluster session)."""
+        if self._stack is not None:
+            stack, self._stack, self._client = self._stack, None, None
+            stack.close()
 
     @property
     def identity(self) -> ModelIdentity:

@@ -37,7 +37,7 @@ def stage_command(manifest: Manifest, stage: str, request: Request, *, device: s
 
     # Over upstreams any stage may be the first to write: the working store is made then.
     create = stage == "extract" or bool(manifest.upstream)
-    with open_writable(manifest, env, request, check, create=create) as (store, plan):
+    with env, open_writable(manifest, env, request, check, create=create) as (store, plan):
         targets = [j for name in names for j in plan.of(name)]
         try:
             results = execute(plan, env, store, targets, force=stage if force else None)
@@ -54,8 +54,8 @@ def run_all(manifest: Manifest, request: Request, *, device: str = "auto",
     """Every stale job of the manifest, in dependency order; `force` recomputes one stage's."""
     env = Environment(manifest, device, progress, cache_dir, report_dir, cluster=cluster)
     results: list[Result] = []
-    with open_writable(manifest, env, request, lambda plan, _store: plan.raise_broken(),
-                       create=True) as (store, plan):
+    with env, open_writable(manifest, env, request, lambda plan, _store: plan.raise_broken(),
+                            create=True) as (store, plan):
         try:
             extracts = [j for j in plan.closure(reports(plan, request)) if j.stage == "extract"]
             results = execute(plan, env, store, extracts)

@@ -94,12 +94,11 @@ def _workers(env: Any) -> Iterator[Any]:
     if env.cluster is None:
         yield None
         return
-    from ..pipeline.cluster import RemoteEncoder, session
+    from ..pipeline.cluster import RemoteEncoder
 
-    with session(env.cluster, env.device) as client:
-        yield RemoteEncoder(client, env.manifest.model.model_dump(mode="json"),
-                            env.manifest.extraction.model_dump(mode="json"), env.device,
-                            env.extractor_fp)
+    yield RemoteEncoder(env.cluster_client(), env.manifest.model.model_dump(mode="json"),
+                        env.manifest.extraction.model_dump(mode="json"), env.device,
+                        env.extractor_fp)
 
 
 def _extract(works: list[Work], store: FeatureStore, ex: Extractor, work: list[Any], remote: Any,

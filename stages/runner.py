@@ -94,7 +94,8 @@ def build_plan(env: Environment, store: FeatureStore | None, request: Request) -
             continue
         paired = plan.datasets[spec.pairs_with].facts.classnames if spec.pairs_with else None
         try:
-            dp = plan_dataset(spec, m.extraction.workers, env.progress, env.cache_dir, paired)
+            dp = plan_dataset(spec, m.extraction.workers, env.progress, env.cache_dir, paired,
+                              env.remote_hasher(spec))
             planned = plan_records(dp, have, _known_failures(store, spec.name),
                                    m.extraction.views_for)
         except ShipyardError as exc:

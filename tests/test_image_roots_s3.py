@@ -131,3 +131,31 @@ def test_a_missing_prefix_or_an_unreachable_bucket_is_one_line(
     lines = down.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("error: dataset demo: cannot list image root s3://there-bucket/"), lines
+
+
+@pytest.mark.slow
+def test_with_workers_the_driver_reads_no_image_object_to_hash_or_encode(
+        tmp_path: Path, small_demo: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch,
+        one_thread: None) -> None:
+    pytest.importorskip("distributed")
+    from shipyard.pipeline.remote_paths import RemotePath
+
+    _upload(s3_endpoint, small_demo, "workers-bucket", "demo")
+    _upload(s3_endpoint, _synthetic_folder(tmp_path), "workers-bucket", "demo/syn")
+    assert _invoke(_manifest(tmp_path, small_demo, "disk"), "extract").exit_code == 0
+    real = RemotePath.read_bytes
+
+    def driver_read(self: RemotePath) -> bytes:  # the workers are other processes: unpatched
+        if self.url.endswith(".png"):
+            raise AssertionError(f"the driver read {self.url}")
+        return real(self)  # the split file is the driver's to read
+
+    monkeypatch.setattr(RemotePath, "read_bytes", driver_read)
+    path = _manifest(tmp_path, small_demo, "s3", s3_endpoint, "s3://workers-bucket/demo")
+    result = _invoke(path, "extract", "--json", "--workers", "2")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["extracted"] == 140 and out["failed"] == 0  # hashed and encoded on the workers
+    got, want = _arrays(tmp_path / "s3.zarr"), _arrays(tmp_path / "disk.zarr")
+    for name, value in want.items():
+        assert np.array_equal(got[name], value), name

@@ -112,6 +112,8 @@ def test_an_image_changed_since_extraction_is_refused_in_one_line(
 
 CHILD = """
 import sys, time
+import torch
+torch.set_num_threads(int(sys.argv[2]))  # the parent's: the resumed half runs there
 import shipyard.pipeline.checkpoints as checkpoints
 real = checkpoints.save_checkpoint
 def slow(group, state):
@@ -161,7 +163,8 @@ def test_a_sigkilled_training_resumes_to_the_uninterrupted_prompts(
     killed = _manifest(tmp_path, small_demo, epochs=epochs, store="killed.zarr")
     assert invoke("--manifest", str(killed), "--device", "cpu", "extract").exit_code == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(killed)], env=env, cwd=ROOT)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(killed),
+                             str(torch.get_num_threads())], env=env, cwd=ROOT)
     store = tmp_path / "killed.zarr"
     try:
         deadline = time.monotonic() + 180

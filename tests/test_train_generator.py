@@ -71,6 +71,8 @@ def test_trains_then_skips_when_up_to_date(make_manifest: Callable[..., Manifest
 
 CHILD = """
 import sys, time
+import torch
+torch.set_num_threads(int(sys.argv[2]))  # the parent's: the resumed half runs there
 import shipyard.pipeline.checkpoints as gens
 real = gens.save_checkpoint
 def slow(group, state):
@@ -102,7 +104,8 @@ def test_sigkilled_training_resumes_to_the_same_weights(
     killed = _ready(make_manifest, store="killed.zarr", epochs=epochs)
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(killed.path)],
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(killed.path),
+                              str(torch.get_num_threads())],
                              env=env, cwd=root)
     try:
         deadline = time.monotonic() + 180
