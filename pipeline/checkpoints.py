@@ -26,6 +26,18 @@ class Checkpoint:
     log: list[dict[str, float]]
 
 
+def restore(resume: Checkpoint | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            rng: torch.Generator) -> tuple[list[dict[str, float]], int]:
+    """Put a training back where a checkpoint left it (model, optimizer and RNG state); returns
+    the log so far and the epoch to start at: ([], 0) without one."""
+    if resume is None:
+        return [], 0
+    model.load_state_dict(resume.model)
+    optimizer.load_state_dict(resume.optimizer)
+    rng.set_state(resume.rng.cpu())
+    return list(resume.log), resume.epoch
+
+
 def save_checkpoint(group: zarr.Group, state: Checkpoint) -> None:
     """Write checkpoint_<epoch>, point `checkpoint` at it (the commit), drop older ones."""
     name = f"checkpoint_{state.epoch:05d}"

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from .checkpoints import Checkpoint
+from .checkpoints import Checkpoint, restore
 from .configs import TrainConfig
 from .features import FewShotSet
 from .progress import Progress, Silent
@@ -46,13 +46,7 @@ def train_ship(model: ShipGenerator, data: FewShotSet, prompts: ClassPrompts, cf
     optimizer = make_optimizer(model, cfg)
     rng = torch.Generator(device=device)
     rng.manual_seed(cfg.seed)
-    log: list[dict[str, float]] = []
-    start = 0
-    if resume is not None:
-        model.load_state_dict(resume.model)
-        optimizer.load_state_dict(resume.optimizer)
-        rng.set_state(resume.rng.cpu())
-        log, start = list(resume.log), resume.epoch
+    log, start = restore(resume, model, optimizer, rng)
     model.train()
     task = progress.task("train generator", cfg.epochs, "epoch")
     task.advance(start)

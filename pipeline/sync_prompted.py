@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import Checkpoint
+from .checkpoints import Checkpoint, restore
 from .configs import HeadConfig
 from .head_training import make_optimizer, step_lr, steps_per_epoch
 from .identity import Preprocess
@@ -68,13 +68,7 @@ def train_prompted(head: SyncClip, data: SyncImages, n_base: int, new_classes: l
     optimizer = make_optimizer(params, cfg)
     rng = torch.Generator(device=device)
     rng.manual_seed(cfg.seed)
-    log: list[dict[str, float]] = []
-    start = 0
-    if resume is not None:
-        head.load_state_dict(resume.model)
-        optimizer.load_state_dict(resume.optimizer)
-        rng.set_state(resume.rng.cpu())
-        log, start = list(resume.log), resume.epoch
+    log, start = restore(resume, head, optimizer, rng)
     real_labels = data.real.labels.to(device)
     syn_labels = data.synthetic_labels.to(device)
     new = torch.tensor(new_classes, dtype=torch.long, device=device)

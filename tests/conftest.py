@@ -213,3 +213,22 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield endpoint
     finally:
         server.stop()
+
+
+def checkpoint_epoch(store: Path, folder: str) -> int:
+    """The epoch of the newest checkpoint a training in `<store>/<folder>/` has written (0: none
+    yet), read while the training writes: for the kill-and-resume tests."""
+    import warnings
+
+    import zarr.storage
+
+    # Polling races the writer by design: zarr warns about its in-flight temporary files.
+    warnings.filterwarnings("ignore", message=".*partial is not recognized", category=UserWarning)
+    try:
+        root = zarr.open_group(zarr.storage.LocalStore(store, read_only=True), mode="r")
+        for key in root[folder].group_keys():
+            name = root[f"{folder}/{key}"].attrs.get("checkpoint")
+            return int(str(name).removeprefix("checkpoint_")) if name else 0
+    except Exception:  # not created yet: keep polling
+        return 0
+    return 0

@@ -11,17 +11,14 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import zarr
-import zarr.storage
 from PIL import Image
 
-from tests.conftest import manifest_dict, write_manifest
+from tests.conftest import checkpoint_epoch, manifest_dict, write_manifest
 from tests.test_sync_clip_fs import _synthetic_folder, invoke
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,15 +124,7 @@ run_stage(load_manifest(sys.argv[1]), "train-adapter", seeds=(1,), methods=("syn
 
 
 def _checkpoint_epoch(store: Path) -> int:
-    # Polling races the writer by design: zarr warns about its in-flight temporary files.
-    warnings.filterwarnings("ignore", message=".*partial is not recognized", category=UserWarning)
-    try:
-        root = zarr.open_group(zarr.storage.LocalStore(store, read_only=True), mode="r")
-        for key in root["adapters"].group_keys():
-            name = root[f"adapters/{key}"].attrs.get("checkpoint")
-            return int(str(name).removeprefix("checkpoint_")) if name else 0
-    except Exception:  # not created yet: keep polling
-        return 0
+    return checkpoint_epoch(store, "adapters")
     return 0
 
 

@@ -8,14 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import zarr
 from shipyard.pipeline.artifacts import GENERATOR, SYNTHETIC, Ref, keys_of, record_of
 from shipyard.pipeline.errors import UsageError
 from shipyard.pipeline.head_store import read_synthetic
@@ -23,7 +21,7 @@ from shipyard.pipeline.manifest import Manifest
 from shipyard.pipeline.store import FeatureStore
 from shipyard.pipeline.weights import load_tensors
 
-from tests.conftest import run_stage
+from tests.conftest import checkpoint_epoch, run_stage
 
 EPOCHS = 6
 
@@ -86,15 +84,7 @@ run_stage(load_manifest(sys.argv[1]), "train-generator", seeds=(1,))
 
 
 def _checkpoint_epoch(store: Path) -> int:
-    # Polling races the writer by design: zarr warns about its in-flight temporary files.
-    warnings.filterwarnings("ignore", message=".*partial is not recognized", category=UserWarning)
-    try:
-        root = zarr.open_group(zarr.storage.LocalStore(store, read_only=True), mode="r")
-        for fp in root["generators"].group_keys():
-            name = root[f"generators/{fp}"].attrs.get("checkpoint")
-            return int(str(name).removeprefix("checkpoint_")) if name else 0
-    except Exception:  # not created yet: keep polling
-        return 0
+    return checkpoint_epoch(store, "generators")
     return 0
 
 
