@@ -44,6 +44,8 @@ def _vision_parts(visual: Any) -> Any:
     if getattr(visual, "pool_type", "tok") not in ("tok", "avg"):
         raise UsageError(f"SYNC-CLIP's visual prompts: pool type {visual.pool_type!r} is not "
                          "supported (tok or avg)")
+    if not getattr(visual.transformer, "batch_first", True):
+        raise UsageError("SYNC-CLIP's visual prompts need a batch-first transformer (open_clip 3)")
     return visual
 
 
@@ -69,9 +71,6 @@ class PromptedVision(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
-    def train(self, mode: bool = True) -> PromptedVision:
-        return super().train(False)  # the tower is frozen: dropout and patch dropout stay off
-
     def forward(self, images: torch.Tensor, shared: torch.Tensor,
                 synthetic: torch.Tensor | None = None, first_synthetic: int = 0) -> torch.Tensor:
         v = self.visual
@@ -90,12 +89,10 @@ class PromptedVision(nn.Module):
         split = first_synthetic if synthetic is not None else x.shape[0]
         x = v.ln_pre(torch.cat([x, self._layer(shared, synthetic, 0, x, split)], dim=1)) if n \
             else v.ln_pre(x)
-        first = getattr(v.transformer, "batch_first", True)
-        for i, block in enumerate(v.transformer.resblocks):
+        for i, block in enumerate(v.transformer.resblocks):  # batch first: (B, L, W)
             if n and 0 < i < depth:  # the previous layer's prompt outputs are replaced
                 x = torch.cat([x[:, :tokens], self._layer(shared, synthetic, i, x, split)], dim=1)
-            x = block(x if first else x.transpose(0, 1))
-            x = x if first else x.transpose(0, 1)
+            x = block(x)
         return self._pool(x, tokens)
 
     @staticmethod
@@ -136,7 +133,6 @@ class SyncClip(nn.Module):
         super().__init__()
         object.__setattr__(self, "encoder", text)  # frozen towers stay out of the state dict
         object.__setattr__(self, "vision", vision)
-        self.design = design
         text_depth = min(design.depth, text.layers)
         self.vision_depth = min(design.depth, vision.layers)
         init = text.context_from_text(cfg.ctx_init)

@@ -178,13 +178,13 @@ class PromptEncoder(nn.Module):
         if deep.dim() != 3 or deep.shape[1:] != (n_ctx, self.width) or len(deep) >= len(blocks):
             raise ValueError(f"deep prompts of shape {tuple(deep.shape)}: expected (L, {n_ctx}, "
                              f"{self.width}) with L < {len(blocks)} blocks")
-        first = getattr(self.transformer, "batch_first", True)
-        for i, block in enumerate(blocks):
+        if not getattr(self.transformer, "batch_first", True):
+            raise UsageError("deep text prompts need a batch-first transformer (open_clip 3)")
+        for i, block in enumerate(blocks):  # (B, L, W)
             if 0 < i <= len(deep):
                 tokens = deep[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
                 x = torch.cat([x[:, :1], tokens, x[:, 1 + n_ctx :]], dim=1)
-            x = block(x if first else x.transpose(0, 1), attn_mask=mask)
-            x = x if first else x.transpose(0, 1)
+            x = block(x, attn_mask=mask)
         return x
 
     def _splice(self, ctx: torch.Tensor, bias: torch.Tensor | None, embeddings: torch.Tensor,

@@ -329,3 +329,37 @@ def test_each_step_draws_the_paired_then_new_class_synthetic_images(
         second_halves += classes(syn)[4:]
         assert all(5 <= c <= 9 for c in classes(syn)[4:])  # then new classes only
     assert len(set(second_halves)) > 1  # drawn, not one fixed class
+
+
+def test_tok_pooling_after_the_final_norm_reads_the_class_token(clip: ClipModel,
+                                                                 one_thread: None) -> None:
+    visual = copy.deepcopy(clip.model.visual)
+    visual.final_ln_after_pool = True  # tok pooling, ln_post on the pooled [CLS] row
+    vision, x = PromptedVision(visual), _images(2)
+    prompts = torch.randn(2, 4, vision.width, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(vision(x, torch.zeros(1, 0, vision.width)), visual(x),
+                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(vision(x, prompts), _hooked_vision(clip, x, list(prompts)),
+                                   rtol=0, atol=1e-5)
+
+
+def test_the_head_scores_unit_features_at_scale_100_and_its_tower_stays_frozen(
+        clip: ClipModel, encoder: PromptEncoder) -> None:
+    head = _head(clip, encoder).train()
+    assert not head.vision.visual.training  # the frozen tower is outside it: never in training
+    head.eval()
+    g = torch.Generator().manual_seed(6)
+    f = torch.nn.functional.normalize(torch.randn(3, encoder.embed_dim, generator=g), dim=-1)
+    text = head.text()
+    torch.testing.assert_close(head(f), 100.0 * f @ text.T)
+    raw = f * torch.tensor([[2.0], [5.0], [0.5]])  # logits read the direction, row by row
+    torch.testing.assert_close(head.logits(raw, text), 100.0 * f @ text.T, rtol=0, atol=1e-4)
+
+
+def test_a_shorter_context_builds_prompts_of_its_own_length(clip: ClipModel,
+                                                            encoder: PromptEncoder) -> None:
+    cfg = HeadConfig(n_ctx=2, ctx_init="a photo")
+    head = SyncClip(encoder, PromptedVision(clip.model.visual), NAMES, cfg, PromptDesign())
+    assert head.prompts.n_ctx == 2 and head.text_deep.shape == (1, 2, encoder.width)
+    assert head.eval().text().shape == (len(NAMES), encoder.embed_dim)
