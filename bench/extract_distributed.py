@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from shipyard.pipeline.cluster import ClusterSpec, session  # noqa: E402
 from shipyard.pipeline.manifest_files import load_manifest  # noqa: E402
+from shipyard.pipeline.progress import SilentTask  # noqa: E402
 from shipyard.stages.commands import stage_command  # noqa: E402
 from shipyard.stages.runner import Request  # noqa: E402
 
@@ -56,16 +57,10 @@ class Commits:
     def task(self, description: str, total: int | None, unit: str) -> Any:
         owner, mine = self, description == "encode images"
 
-        class _Task:
+        class _Task(SilentTask):
             def advance(self, n: int = 1) -> None:
                 if mine:
                     owner.times.append((time.perf_counter(), n))
-
-            def note(self, text: str) -> None:
-                pass
-
-            def close(self) -> None:
-                pass
 
         return _Task()
 

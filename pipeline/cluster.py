@@ -11,19 +11,17 @@ the scheduler (dask's `allowed-failures`) and `retries` more times on an error."
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from .datasets import Failure
 from .errors import ExtractorMismatchError, UsageError
+from .locations import first_line
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
 RETRIES = 2
@@ -89,17 +87,13 @@ def connect(spec: ClusterSpec, device: str = "cpu") -> tuple[Any, Any]:
             return Client(spec.scheduler, timeout="5s"), None
         except (OSError, TimeoutError) as exc:
             raise UsageError(f"cannot reach the dask scheduler at {spec.scheduler}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                             ) from None
-    if device != "cpu" and _cuda():
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            pass
-        else:
-            cuda = LocalCUDACluster(n_workers=spec.workers, threads_per_worker=1,
-                                    dashboard_address=None, silence_logs=40)
-            return Client(cuda), cuda
+                             f"{first_line(exc)}") from None
+    if device != "cpu" and _cuda() and importlib.util.find_spec("dask_cuda") is not None:
+        from dask_cuda import LocalCUDACluster
+
+        cuda = LocalCUDACluster(n_workers=spec.workers, threads_per_worker=1,
+                                dashboard_address=None, silence_logs=40)
+        return Client(cuda), cuda
     cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True,
                            dashboard_address=None, silence_logs=40)
     return Client(cluster), cluster
@@ -137,50 +131,29 @@ def _worker_clip(model: dict[str, Any], device: str) -> Any:
 
 def encode_block(model: dict[str, Any], extraction: dict[str, Any], device: str, mode: str,
                  items: list[tuple[bytes, Any, str]]) -> dict[str, Any]:
-    """Runs on a worker: one block's features, as the in-process path computes them."""
-    from .extraction import WorkItem, clean_batch, split_norms, views_batch
+    """Runs on a worker: one block through the in-process path's own functions, with the
+    worker's extractor fingerprint and pid."""
+    from .extraction import WorkItem, decode_batch, encode_batch
     from .fingerprint import fingerprint
     from .identity import extractor_description
     from .manifest import ExtractionSpec
-    from .models import encode_images
 
     clip = _worker_clip(model, device)
     spec = ExtractionSpec(**extraction)
     work = [WorkItem(k, p, n) for k, p, n in items]  # p: a Path or a RemotePath
-    good, tensor, failures = (clean_batch(work, clip, spec.max_pixels) if mode == "clean"
-                              else views_batch(work, clip, spec))
-    out: dict[str, Any] = {"fp": fingerprint(extractor_description(clip.identity(), spec)),
-                           "keys": b"".join(i.key for i in good), "unit": None, "norms": None,
-                           "failures": [(f.path, f.reason) for f in failures],
-                           "model_seconds": 0.0, "pid": os.getpid()}
-    if tensor is not None:
-        t0 = time.perf_counter()
-        features = encode_images(clip, tensor)
-        if mode != "clean":
-            features = features.reshape(-1, spec.views, clip.embed_dim)
-        out["model_seconds"] = time.perf_counter() - t0
-        unit, norms = split_norms(features)
-        out["unit"], out["norms"] = unit.astype(np.float16), norms
-    return out
+    return {"fp": fingerprint(extractor_description(clip.identity(), spec)), "pid": os.getpid(),
+            "block": encode_batch(decode_batch(work, clip, spec, mode), clip, spec, mode)}
 
 
 HASH_BLOCK = 64  # files per hashing task
 
 
 def hash_block(paths: list[Any]) -> list[bytes | str]:
-    """Runs on a worker: the sha256 of each file (a RemotePath), or why it could not be read."""
-    from .hashing import sha256_file
-    from .locations import first_line
+    """Runs on a worker: the sha256 of each file (a RemotePath), or why it could not be read,
+    as the driver's own hashing says it."""
+    from .hashing import digest_or_reason
 
-    out: list[bytes | str] = []
-    for p in paths:
-        try:
-            out.append(sha256_file(p))
-        except FileNotFoundError:
-            out.append("file not found")
-        except Exception as exc:  # one object's failure is that object's, not the run's
-            out.append(f"cannot read: {first_line(exc)}")
-    return out
+    return [digest_or_reason(p) for p in paths]
 
 
 @dataclass
@@ -243,7 +216,5 @@ class RemoteEncoder:
 
 def _decoded(result: dict[str, Any]) -> Any:
     """A worker's result as the commit loop reads it: (keys (N, 32), unit, norms, failures,
-    model seconds)."""
-    keys = np.frombuffer(result["keys"], np.uint8).reshape(-1, 32)
-    failures = [Failure(p, r) for p, r in result["failures"]]
-    return keys, result["unit"], result["norms"], failures, float(result["model_seconds"])
+    model seconds), `extraction.Block`."""
+    return result["block"]

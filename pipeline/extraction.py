@@ -141,9 +141,7 @@ def encode_clean(clip: ClipModel, table: RowTable, items: Sequence[WorkItem], sp
     """Encode the clean view of each item into `table` (keys, unit features, norms), here or
     on `remote`'s workers: the same batches, committed in the same order."""
     batches = _batches(items, aligned_batch(spec.batch_size, table.chunk_rows))
-    blocks = remote.blocks("clean", batches) if remote else _local(
-        batches, lambda b: clean_batch(b, clip, spec.max_pixels),
-        lambda x: encode_images(clip, x), spec.workers)
+    blocks = remote.blocks("clean", batches) if remote else _local(batches, clip, spec, "clean")
     return _commit(table, blocks, len(items), "images", progress, strict)
 
 
@@ -152,28 +150,39 @@ def encode_views(clip: ClipModel, table: RowTable, items: Sequence[WorkItem], sp
     """Encode V seeded augmented views of each item into `table` (keys, (V, D) unit features,
     (V,) norms)."""
     batches = _batches(items, aligned_batch(max(1, spec.batch_size // spec.views), table.chunk_rows))
-
-    def forward(x: torch.Tensor) -> np.ndarray:
-        return encode_images(clip, x).reshape(-1, spec.views, clip.embed_dim)  # (B, V, D)
-
-    blocks = remote.blocks("views", batches) if remote else _local(
-        batches, lambda b: views_batch(b, clip, spec), forward, spec.workers)
+    blocks = remote.blocks("views", batches) if remote else _local(batches, clip, spec, "views")
     return _commit(table, blocks, len(items), "views", progress, strict)
 
 
-def _local(batches: list[Sequence[WorkItem]], make: Callable[[Sequence[WorkItem]], Decoded],
-           forward: Callable[[torch.Tensor], np.ndarray], workers: int) -> Iterator[Block]:
-    """In-process: decode in `workers` threads, the model forward here."""
-    for good, tensor, failures in _prefetched(batches, make, workers):
-        keys = np.frombuffer(b"".join(i.key for i in good), np.uint8).reshape(-1, 32)
-        if tensor is None:
-            yield keys, None, None, failures, 0.0
-            continue
-        t0 = time.perf_counter()
-        features = forward(tensor)
-        seconds = time.perf_counter() - t0
-        unit, norms = split_norms(features)
-        yield keys, unit.astype(np.float16), norms, failures, seconds
+def decode_batch(items: Sequence[WorkItem], clip: ClipModel, spec: ExtractionSpec,
+                 mode: str) -> Decoded:
+    """Read, verify and decode a batch: its clean views (`clean`) or its V seeded views."""
+    return clean_batch(items, clip, spec.max_pixels) if mode == "clean" else \
+        views_batch(items, clip, spec)
+
+
+def encode_batch(decoded: Decoded, clip: ClipModel, spec: ExtractionSpec, mode: str) -> Block:
+    """A decoded batch through the model: what the commit loop writes. The same function here
+    and on a dask worker, so both write the same rows."""
+    good, tensor, failures = decoded
+    keys = np.frombuffer(b"".join(i.key for i in good), np.uint8).reshape(-1, 32)
+    if tensor is None:
+        return keys, None, None, failures, 0.0
+    t0 = time.perf_counter()
+    features = encode_images(clip, tensor)
+    if mode != "clean":
+        features = features.reshape(-1, spec.views, clip.embed_dim)  # (B, V, D)
+    seconds = time.perf_counter() - t0
+    unit, norms = split_norms(features)
+    return keys, unit.astype(np.float16), norms, failures, seconds
+
+
+def _local(batches: list[Sequence[WorkItem]], clip: ClipModel, spec: ExtractionSpec,
+           mode: str) -> Iterator[Block]:
+    """In-process: decode in the manifest's `workers` threads, the model forward here."""
+    for decoded in _prefetched(batches, lambda b: decode_batch(b, clip, spec, mode),
+                               spec.workers):
+        yield encode_batch(decoded, clip, spec, mode)
 
 
 def _commit(table: RowTable, blocks: Iterator[Block], total: int, what: str, progress: Progress,

@@ -43,6 +43,18 @@ def sha256_file(path: Path | RemotePath) -> bytes:
     return h.digest()
 
 
+def digest_or_reason(path: Path | RemotePath) -> bytes | str:
+    """A file's sha256, or why it could not be read (on a dask worker too)."""
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    except Exception as exc:  # an object store client's own error types
+        if not isinstance(path, RemotePath):
+            raise
+        return f"cannot read: {first_line(exc)}"
+
+
 @dataclass(frozen=True)
 class HashResult:
     keys: dict[Any, bytes]  # path (Path or RemotePath) -> 32-byte digest, for every file read
@@ -115,15 +127,7 @@ def hash_files(
             misses.append((p, st))
 
     def work(item: tuple[Any, Any]) -> tuple[Any, Any, bytes | str]:
-        p, st = item
-        try:
-            return p, st, sha256_file(p)
-        except OSError as exc:
-            return p, st, f"cannot read: {exc.strerror or exc}"
-        except Exception as exc:  # an object store client's own error types
-            if not isinstance(p, RemotePath):
-                raise
-            return p, st, f"cannot read: {first_line(exc)}"
+        return item[0], item[1], digest_or_reason(item[0])
 
     fresh: list[tuple[str, int, int, int, bytes]] = []
 

@@ -36,8 +36,8 @@ class ImageRows:
         return len(self.images)
 
 
-def read_rows(spec: DatasetSpec, ds: StoredDataset, rows: np.ndarray, max_pixels: int,
-              labels: np.ndarray | None = None) -> ImageRows:
+def read_rows(spec: DatasetSpec, ds: StoredDataset, rows: np.ndarray,
+              max_pixels: int) -> ImageRows:
     """The images of `rows`, each file's sha256 checked against its stored key: an image that
     changed, vanished or no longer decodes since `extract` stored it is refused in one line."""
     paths, keys = ds.paths(), ds.keys()[rows]
@@ -56,8 +56,7 @@ def read_rows(spec: DatasetSpec, ds: StoredDataset, rows: np.ndarray, max_pixels
             images.append(decode(data, name, max_pixels))
         except ImageError as exc:
             raise UsageError(f"dataset {spec.name}: {exc}") from None
-    chosen = ds.labels()[rows] if labels is None else labels
-    return ImageRows(tuple(images), keys, torch.from_numpy(np.asarray(chosen, np.int64)))
+    return ImageRows(tuple(images), keys, torch.from_numpy(ds.labels()[rows].astype(np.int64)))
 
 
 def _pixels(img: Image.Image) -> torch.Tensor:

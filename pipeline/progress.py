@@ -22,7 +22,9 @@ class Progress(Protocol):
     def task(self, description: str, total: int | None, unit: str) -> Task: ...
 
 
-class _SilentTask:
+class SilentTask:
+    """A task that reports nothing (what `Silent` hands out; a base for recording tasks)."""
+
     def advance(self, n: int = 1) -> None:
         pass
 
@@ -37,7 +39,7 @@ class Silent:
     """The default Progress: reports nothing."""
 
     def task(self, description: str, total: int | None, unit: str) -> Task:
-        return _SilentTask()
+        return SilentTask()
 
 
 class LogProgress:

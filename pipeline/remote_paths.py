@@ -83,21 +83,12 @@ class RemotePath:
     def name(self) -> str:
         return posixpath.basename(self.url)
 
-    def as_posix(self) -> str:
-        return self.url
-
-    def resolve(self) -> RemotePath:
-        return self
-
     def _info(self) -> dict[str, Any] | None:
         try:
             info: dict[str, Any] = self._fs.info(self._key)
             return info
         except FileNotFoundError:
             return None
-
-    def exists(self) -> bool:
-        return self._info() is not None
 
     def is_dir(self) -> bool:
         try:
@@ -148,8 +139,3 @@ def image_root(root: str | Path, options: dict[str, Any] | None = None) -> Path 
     if isinstance(root, str) and is_url(root):
         return RemotePath(root, dict(options or {}))
     return Path(root)
-
-
-def location_of(path: str, options: dict[str, Any] | None = None) -> Path | RemotePath:
-    """A file's location back from its string form (a worker gets strings)."""
-    return image_root(path, options)

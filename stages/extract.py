@@ -6,8 +6,6 @@ Model code is imported inside the compute functions: planning imports none."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from ..pipeline.artifacts import RECORDS, Ref
@@ -72,6 +70,8 @@ def missing(store: FeatureStore, job: Job) -> list[str]:
 
 def compute_batch(works: list[Work]) -> dict[str, Any]:
     """Encode what every stale dataset lacks (shared images once), then store the records."""
+    from ..pipeline.extraction import encode_clean, encode_views
+
     env, store = works[0].env, works[0].store
     spec = env.manifest.extraction
     planned: list[PlannedDataset] = [w.job.detail for w in works]
@@ -84,31 +84,7 @@ def compute_batch(works: list[Work]) -> dict[str, Any]:
     ex = store.create_extractor(env.extractor_fp, env.description(), clip.embed_dim, spec.views,
                                 spec.chunk_rows)
     work = _missing(plans, ex.images.index())
-    with _workers(env) as remote:
-        return _extract(works, store, ex, work, remote, started, timings)
-
-
-@contextmanager
-def _workers(env: Any) -> Iterator[Any]:
-    """The dask workers' encoder when the command asked for a cluster, else None (in-process)."""
-    if env.cluster is None:
-        yield None
-        return
-    from ..pipeline.cluster import RemoteEncoder
-
-    yield RemoteEncoder(env.cluster_client(), env.manifest.model.model_dump(mode="json"),
-                        env.manifest.extraction.model_dump(mode="json"), env.device,
-                        env.extractor_fp)
-
-
-def _extract(works: list[Work], store: FeatureStore, ex: Extractor, work: list[Any], remote: Any,
-             started: float, timings: dict[str, float]) -> dict[str, Any]:
-    from ..pipeline.extraction import encode_clean, encode_views
-
-    env, spec = works[0].env, works[0].env.manifest.extraction
-    planned: list[PlannedDataset] = [w.job.detail for w in works]
-    plans = [d.plan for d in planned]
-    clip = env.clip
+    remote = _workers(env)
     clean = encode_clean(clip, ex.images, work, spec, env.progress, env.strict, remote)
     timings["encode"] = clean.seconds
     have = set(ex.images.index())
@@ -141,6 +117,18 @@ def _extract(works: list[Work], store: FeatureStore, ex: Extractor, work: list[A
         "model_seconds": round(clean.model_seconds, 3),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+
+
+def _workers(env: Any) -> Any:
+    """The dask workers' encoder when the command asked for a cluster (the command's session,
+    closed with its Environment), else None: in-process."""
+    if env.cluster is None:
+        return None
+    from ..pipeline.cluster import RemoteEncoder
+
+    return RemoteEncoder(env.cluster_client(), env.manifest.model.model_dump(mode="json"),
+                         env.manifest.extraction.model_dump(mode="json"), env.device,
+                         env.extractor_fp)
 
 
 def _write_records(works: list[Work], tables: list[Any],
