@@ -232,3 +232,23 @@ def checkpoint_epoch(store: Path, folder: str) -> int:
     except Exception:  # not created yet: keep polling
         return 0
     return 0
+
+
+def slow_checkpoints_child(call: str) -> str:
+    """A child process's script for the kill-and-resume tests: `call` (a `run_stage(...)` on the
+    manifest at argv[1]) at the parent's torch thread count (argv[2]; the resumed half runs in
+    the parent), each checkpoint followed by 0.3 s so the parent can kill it between two."""
+    return f"""
+import sys, time
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+import shipyard.pipeline.checkpoints as checkpoints
+real = checkpoints.save_checkpoint
+def slow(group, state):
+    real(group, state)
+    time.sleep(0.3)
+checkpoints.save_checkpoint = slow
+from shipyard.pipeline.manifest_files import load_manifest
+from tests.conftest import run_stage
+{call}
+"""

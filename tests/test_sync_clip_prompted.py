@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import checkpoint_epoch, manifest_dict, write_manifest
+from tests.conftest import checkpoint_epoch, manifest_dict, slow_checkpoints_child, write_manifest
 from tests.test_sync_clip_fs import _synthetic_folder, invoke
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,25 +107,12 @@ def test_an_image_changed_since_extraction_is_refused_in_one_line(
         read_rows(spec, ds, rows, 10**8)
 
 
-CHILD = """
-import sys, time
-import torch
-torch.set_num_threads(int(sys.argv[2]))  # the parent's: the resumed half runs there
-import shipyard.pipeline.checkpoints as checkpoints
-real = checkpoints.save_checkpoint
-def slow(group, state):
-    real(group, state)
-    time.sleep(0.3)
-checkpoints.save_checkpoint = slow
-from shipyard.pipeline.manifest_files import load_manifest
-from tests.conftest import run_stage
-run_stage(load_manifest(sys.argv[1]), "train-adapter", seeds=(1,), methods=("sync-clip",))
-"""
+CHILD = slow_checkpoints_child('run_stage(load_manifest(sys.argv[1]), "train-adapter", '
+                               'seeds=(1,), methods=("sync-clip",))')
 
 
 def _checkpoint_epoch(store: Path) -> int:
     return checkpoint_epoch(store, "adapters")
-    return 0
 
 
 def _stored_prompts(manifest_path: Path, key: str) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from shipyard.pipeline.manifest import Manifest
 from shipyard.pipeline.store import FeatureStore
 from shipyard.pipeline.weights import load_tensors
 
-from tests.conftest import checkpoint_epoch, run_stage
+from tests.conftest import checkpoint_epoch, run_stage, slow_checkpoints_child
 
 EPOCHS = 6
 
@@ -67,25 +67,11 @@ def test_trains_then_skips_when_up_to_date(make_manifest: Callable[..., Manifest
         assert not [k for k in group.group_keys() if k.startswith("checkpoint_")]
 
 
-CHILD = """
-import sys, time
-import torch
-torch.set_num_threads(int(sys.argv[2]))  # the parent's: the resumed half runs there
-import shipyard.pipeline.checkpoints as gens
-real = gens.save_checkpoint
-def slow(group, state):
-    real(group, state)
-    time.sleep(0.3)
-gens.save_checkpoint = slow
-from shipyard.pipeline.manifest_files import load_manifest
-from tests.conftest import run_stage
-run_stage(load_manifest(sys.argv[1]), "train-generator", seeds=(1,))
-"""
+CHILD = slow_checkpoints_child('run_stage(load_manifest(sys.argv[1]), "train-generator", seeds=(1,))')
 
 
 def _checkpoint_epoch(store: Path) -> int:
     return checkpoint_epoch(store, "generators")
-    return 0
 
 
 def test_sigkilled_training_resumes_to_the_same_weights(
